@@ -1,0 +1,140 @@
+"""The ``raypo`` command: train | tune | submit | data | export | plan.
+
+Each subcommand parses its arguments here and hands off to the module that does the work, imported lazily
+so ``raypo --help`` stays fast. Configuration problems are printed as one list and exit with status 2
+before any cluster work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Optional
+
+from raypo import __version__
+from raypo.config import ConfigError
+
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+
+
+class NotBuiltError(RuntimeError):
+    """A subcommand whose implementation is not part of this build."""
+
+
+def _handler(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """Resolve ``module.func`` at call time; a missing implementation is reported, never faked."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+                raise NotBuiltError(f"'raypo {args.command}' is not available in this build of raypo "
+                                    f"({module} is missing)") from exc
+            raise
+        fn = getattr(mod, func, None)
+        if fn is None:
+            raise NotBuiltError(f"'raypo {args.command}' is not available in this build of raypo "
+                                f"({module}.{func} is missing)")
+        return int(fn(args) or 0)
+
+    return run
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/; may list `defaults:` to compose)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides in dotted form, e.g. loss.beta=0.1 scaling.num_workers=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raypo",
+        description="Listwise, multi-dimensional preference optimisation of LLMs on Ray clusters.",
+    )
+    parser.add_argument("--version", action="version", version=f"raypo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a policy on listwise preference data (Ray Train + DeepSpeed)",
+                       description="Train with any raypo loss on a Ray cluster (a local one by default).")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it and exit")
+    p.set_defaults(func=_handler("raypo.train.launch", "train_command"))
+
+    p = sub.add_parser("tune", help="run a Ray Tune sweep in which every trial is a training run",
+                       description="Search beta, alpha, loss and lambda schedules with Ray Tune.")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it and exit")
+    p.set_defaults(func=_handler("raypo.tune", "tune_command"))
+
+    p = sub.add_parser("submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster",
+                       description="Validate a job spec and its raypo config locally, then submit it with "
+                                   "Ray's JobSubmissionClient.")
+    p.add_argument("job", help="job spec YAML, e.g. jobs/mpo_llama8b.yaml")
+    p.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS)")
+    p.add_argument("--no-wait", action="store_true", help="return as soon as the job is submitted")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.add_argument("--print-ray-cli", action="store_true",
+                   help="print the equivalent plain `ray job submit ...` command and exit")
+    p.set_defaults(func=_handler("raypo.submit", "submit_command"))
+
+    p = sub.add_parser("data", help="convert, validate and synthesise listwise datasets",
+                       description="Data tools: convert | validate | synth.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub.required = True
+    d = data_sub.add_parser("convert", help="convert a dataset to raypo's listwise schema",
+                            description="Convert INPUT (Parquet or JSONL, local or s3://) in format F to "
+                                        "raypo's listwise Parquet at OUTPUT.")
+    d.add_argument("--format", "-f", required=True,
+                   choices=["ultrafeedback", "ranked", "pairwise", "scored", "listwise"])
+    d.add_argument("input")
+    d.add_argument("output")
+    d.add_argument("--quarantine", default=None, help="write rejected rows with their reason here")
+    d.set_defaults(func=_handler("raypo.data.cli", "convert_command"))
+    d = data_sub.add_parser("validate", help="validate a listwise dataset and print counts by reason",
+                            description="Validate PATH and print accepted / rejected counts by reason.")
+    d.add_argument("path")
+    d.add_argument("--max-reject-fraction", type=float, default=None)
+    d.set_defaults(func=_handler("raypo.data.cli", "validate_command"))
+    d = data_sub.add_parser("synth", help="write a seeded synthetic multi-dimension listwise dataset",
+                            description="Write a synthetic listwise dataset whose preferences a small model "
+                                        "can learn.")
+    d.add_argument("output")
+    d.add_argument("--num-prompts", type=int, default=512)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_handler("raypo.data.cli", "synth_command"))
+
+    p = sub.add_parser("export", help="export a training checkpoint to Hugging Face safetensors",
+                       description="Write CHECKPOINT as a Hugging Face model directory (safetensors + "
+                                   "tokenizer) at OUT.")
+    p.add_argument("checkpoint", help="checkpoint directory or s3:// URI written by raypo train")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=_handler("raypo.train.export", "export_command"))
+
+    p = sub.add_parser("plan", help="estimate per-GPU memory for a config and check it fits the cluster",
+                       description="Estimate per-GPU memory (ZeRO-3 model states, reference, activations, "
+                                   "log-prob head) and say whether the job fits.")
+    _add_config_args(p)
+    p.set_defaults(func=_handler("raypo.plan", "plan_command"))
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"raypo: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NotBuiltError as exc:
+        print(f"raypo: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, trainer assembly, checkpointing and export."""
