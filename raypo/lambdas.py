@@ -1,0 +1,616 @@
+"""Lambda schedules for multi-dimension losses (lambda_dpo): where each prompt's weight vector comes from.
+
+A schedule draws lambda in the simplex Delta^m (spec 3.4; DESIGN.md "Lambda schedules"):
+
+================== ===========================================================================================
+schedule           lambda
+================== ===========================================================================================
+fixed              ``weights`` (default 1/m each; CODE e7b383e..8c84345 and f81818f)
+uniform            Dirichlet(1_m), truly uniform on the simplex (PAPER; normalised Exp(1) draws)
+dirichlet          Dirichlet(alpha)
+normalized_uniform u ~ U[0, 1)^m, lambda = u / sum u (CODE 8c2749c..e7b383e; *not* uniform on the simplex)
+gaussian           z ~ N(mean, std^2 I) (default mean 1/m, std 1/m), mapped to the simplex by ``clip``
+                   (max(z, 0) renormalised, redrawn if all <= 0), ``abs`` (|z| renormalised) or ``softmax``;
+                   PAPER only, no code: the rule for negatives is NON-NORMATIVE
+onehot             e_k, with k = ``onehot_index`` or uniformly random ("unimodal", PAPER; CODE Dec 2025)
+cycle              e_1, e_2, ..., e_m, e_1, ... in order (deterministic)
+table              weighted rows, sampled exactly like the official ``TableLambdaScheduler`` (python
+                   ``random.Random(seed)``; first row with r <= cumsum(p / sum p)); default: the HEAD table
+learned            the paper's polynomial scheduler (NON-NORMATIVE reconstruction, spec 3.4): fit degree-p
+                   monomials of lambda to (lambda, score) points by minimum-norm least squares, draw K
+                   candidates from Dirichlet(1), sample a candidate with probability softmax(a_hat / tau)
+================== ===========================================================================================
+
+Every schedule is built from a :class:`LambdaScheduleConfig`, is seeded, returns ``sample(batch_size) ->
+Tensor[B, m]`` (``per="prompt"``: one draw per prompt, the raypo default; ``per="batch"``: one draw shared by
+the batch, the official behaviour), and has ``state_dict()`` / ``load_state_dict()`` (plain python values) so
+that a resumed run continues the same sequence.
+
+Random numbers come from ``numpy.random.Generator(PCG64(seed))`` (Dirichlet and Gamma draws with a
+serialisable state), except ``table``, which uses python's ``random.Random`` to reproduce the official code.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SCHEDULES",
+    "OFFICIAL_TABLE_HEAD",
+    "OFFICIAL_TABLE_PAPER",
+    "LambdaScheduleConfig",
+    "LambdaSchedule",
+    "FixedSchedule",
+    "DirichletSchedule",
+    "NormalizedUniformSchedule",
+    "GaussianSchedule",
+    "OneHotSchedule",
+    "CycleSchedule",
+    "TableSchedule",
+    "PolynomialLambdaScheduler",
+    "build_lambda_schedule",
+    "monomial_exponents",
+    "poly_features",
+    "fit_poly_scheduler",
+    "poly_scheduler_table",
+    "table_sample_index",
+    "read_results_table",
+    "from_results_table",
+]
+
+SCHEDULES = ("fixed", "uniform", "dirichlet", "normalized_uniform", "gaussian", "onehot", "cycle", "table",
+             "learned")
+
+#: HEAD ``TableLambdaScheduler.TABLE`` (yuhui15/Multi-Preference-Lambda-weighted-DPO 2fb13f7; spec test vector
+#: ``lambda_table_scheduler_HEAD_2fb13f7_seed42``): rows (lambda, p). Rows sum to 0.999-1.001 (3 decimals).
+OFFICIAL_TABLE_HEAD: tuple[tuple[tuple[float, ...], float], ...] = (
+    ((0.469, 0.092, 0.198, 0.242), 0.102),
+    ((0.013, 0.341, 0.623, 0.022), 0.094),
+    ((0.193, 0.321, 0.345, 0.141), 0.108),
+    ((0.445, 0.128, 0.207, 0.221), 0.103),
+    ((0.562, 0.069, 0.238, 0.131), 0.097),
+    ((0.105, 0.161, 0.425, 0.310), 0.105),
+    ((0.110, 0.011, 0.465, 0.415), 0.098),
+    ((0.163, 0.112, 0.616, 0.109), 0.100),
+    ((0.018, 0.447, 0.527, 0.008), 0.095),
+    ((0.213, 0.513, 0.082, 0.193), 0.098),
+)
+
+#: The first table of the repository history (spec 3.4: commit 8c84345), whose comment says the
+#: probabilities are "the softmax values shown in the paper table".
+OFFICIAL_TABLE_PAPER: tuple[tuple[tuple[float, ...], float], ...] = (
+    ((0.212, 0.334, 0.245, 0.209), 0.095),
+    ((0.126, 0.237, 0.131, 0.507), 0.075),
+    ((0.542, 0.079, 0.256, 0.123), 0.117),
+    ((0.233, 0.721, 0.020, 0.025), 0.185),
+    ((0.004, 0.334, 0.281, 0.381), 0.067),
+    ((0.320, 0.069, 0.513, 0.099), 0.082),
+    ((0.236, 0.155, 0.358, 0.251), 0.093),
+    ((0.141, 0.110, 0.701, 0.048), 0.110),
+    ((0.070, 0.198, 0.388, 0.344), 0.081),
+    ((0.090, 0.139, 0.306, 0.465), 0.095),
+)
+
+
+@dataclass
+class LambdaScheduleConfig:
+    """Typed config of a lambda schedule; only the fields of the chosen ``schedule`` are read.
+
+    Attributes:
+        schedule: one of :data:`SCHEDULES`.
+        num_dims: m, the number of preference dimensions (4 for UltraFeedback).
+        per: ``"prompt"`` (one lambda per prompt) or ``"batch"`` (one lambda per ``sample`` call).
+        seed: RNG seed.
+        weights: ``fixed``: the lambda (default uniform 1/m).
+        alpha: ``dirichlet``: concentration, a float or m floats (default 1 = ``uniform``).
+        gaussian_negatives / gaussian_mean / gaussian_std: ``gaussian`` (defaults clip, 1/m, 1/m).
+        onehot_index: ``onehot``: a fixed dimension k (0-based); None = uniformly random k per draw.
+        table / table_probs: ``table`` rows and weights (default: :data:`OFFICIAL_TABLE_HEAD`; weights
+            default to equal).
+        degree / num_candidates / temperature: ``learned``: p, K and tau (not recoverable from the paper's
+            code; defaults 2, 10 and 0.01).
+        points: ``learned``: ``[(lambda, score), ...]`` probe results; or read them from ``results_path``
+            (CSV) with ``lambda_columns`` (default ``lambda_0..lambda_{m-1}``) and ``score_column``.
+    """
+
+    schedule: str = "uniform"
+    num_dims: int = 4
+    per: str = "prompt"
+    seed: int = 0
+    weights: Optional[list[float]] = None
+    alpha: Optional[Union[float, list[float]]] = None
+    gaussian_negatives: str = "clip"
+    gaussian_mean: Optional[list[float]] = None
+    gaussian_std: Optional[float] = None
+    onehot_index: Optional[int] = None
+    table: Optional[list[list[float]]] = None
+    table_probs: Optional[list[float]] = None
+    degree: int = 2
+    num_candidates: int = 10
+    temperature: float = 0.01
+    points: Optional[list[tuple[list[float], float]]] = None
+    results_path: Optional[str] = None
+    lambda_columns: Optional[list[str]] = None
+    score_column: str = "eval/pairwise_accuracy"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"lambda schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.per not in ("prompt", "batch"):
+            raise ValueError(f"lambda per={self.per!r} must be 'prompt' or 'batch'")
+        if not (isinstance(self.num_dims, int) and self.num_dims >= 1):
+            raise ValueError(f"lambda num_dims={self.num_dims!r} must be an int >= 1")
+        if self.gaussian_negatives not in ("clip", "abs", "softmax"):
+            raise ValueError(
+                f"lambda gaussian_negatives={self.gaussian_negatives!r} must be clip, abs or softmax")
+
+    @classmethod
+    def from_any(cls, cfg: Any, num_dims: Optional[int] = None) -> LambdaScheduleConfig:
+        """Builds from this class, a mapping, or an object shaped like ``raypo.config.LambdaConfig``
+        (``schedule, weights, alpha, gaussian_negatives, table, table_probs, per, seed`` and a nested
+        ``learned`` with ``results_path, score_column, degree, num_candidates, temperature``)."""
+        if isinstance(cfg, cls):
+            return cfg if num_dims is None else replace(cfg, num_dims=num_dims)
+        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, Mapping) else (
+            lambda k, d=None: getattr(cfg, k, d))
+        kwargs: dict[str, Any] = {}
+        for f in cls.__dataclass_fields__:
+            v = get(f)
+            if v is not None:
+                kwargs[f] = v
+        learned = get("learned")
+        if learned is not None:
+            lget = (lambda k: learned.get(k)) if isinstance(learned, Mapping) else (
+                lambda k: getattr(learned, k, None))
+            for k in ("results_path", "score_column", "degree", "num_candidates", "temperature", "points",
+                      "lambda_columns"):
+                if lget(k) is not None:
+                    kwargs[k] = lget(k)
+        if num_dims is not None:
+            kwargs["num_dims"] = num_dims
+        for k in ("weights", "alpha", "gaussian_mean", "table", "table_probs", "lambda_columns"):
+            if k in kwargs and isinstance(kwargs[k], (list, tuple)):
+                kwargs[k] = [list(x) if isinstance(x, (list, tuple)) else x for x in kwargs[k]]
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------------
+
+
+class LambdaSchedule:
+    """Base: seeded draws of lambda in the simplex, per prompt or per batch, resumable."""
+
+    name = "base"
+
+    def __init__(self, cfg: LambdaScheduleConfig) -> None:
+        self.cfg = cfg
+        self.m = cfg.num_dims
+        self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
+        self.num_samples = 0  # sample() calls so far
+
+    def _draw(self, n: int) -> np.ndarray:
+        """``n`` independent draws, float64 ``[n, m]``."""
+        raise NotImplementedError
+
+    def sample(self, batch_size: int, dtype: torch.dtype = torch.float32,
+               device: Optional[Union[str, torch.device]] = None) -> Tensor:
+        """``[batch_size, m]`` lambdas: a draw per row (``per="prompt"``) or one shared draw (``"batch"``)."""
+        if batch_size < 1:
+            raise ValueError(f"sample(batch_size={batch_size}) needs batch_size >= 1")
+        if self.cfg.per == "batch":
+            rows = np.repeat(self._draw(1), batch_size, axis=0)
+        else:
+            rows = self._draw(batch_size)
+        self.num_samples += 1
+        return torch.as_tensor(rows, dtype=dtype, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": self.name, "num_samples": self.num_samples, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("schedule") != self.name:
+            raise ValueError(f"lambda schedule state is for {state.get('schedule')!r}, not {self.name!r}")
+        self.num_samples = int(state["num_samples"])
+        self.rng.bit_generator.state = _to_rng_state(state["rng"])
+
+
+def _to_rng_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """numpy bit-generator state from a possibly JSON round-tripped dict."""
+    out = dict(state)
+    out["state"] = {k: int(v) for k, v in dict(state["state"]).items()}
+    out["has_uint32"] = int(state["has_uint32"])
+    out["uinteger"] = int(state["uinteger"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Simple schedules
+# --------------------------------------------------------------------------------------------------
+
+
+class FixedSchedule(LambdaSchedule):
+    """``fixed``: lambda = ``weights`` every time (default 1/m, the official code's fixed uniform)."""
+
+    name = "fixed"
+
+    def __init__(self, cfg: LambdaScheduleConfig) -> None:
+        super().__init__(cfg)
+        w = cfg.weights if cfg.weights is not None else [1.0 / self.m] * self.m
+        self.weights = np.asarray(w, dtype=np.float64)
+        if self.weights.shape != (self.m,) or (self.weights < 0).any():
+            raise ValueError(f"fixed lambda weights={w} must be {self.m} non-negative numbers")
+
+    def _draw(self, n: int) -> np.ndarray:
+        return np.tile(self.weights, (n, 1))
+
+
+class DirichletSchedule(LambdaSchedule):
+    """``uniform`` = Dirichlet(1_m) (truly uniform on the simplex) and ``dirichlet`` = Dirichlet(alpha)."""
+
+    def __init__(self, cfg: LambdaScheduleConfig) -> None:
+        super().__init__(cfg)
+        self.name = cfg.schedule
+        a = 1.0 if cfg.schedule == "uniform" or cfg.alpha is None else cfg.alpha
+        alpha = np.broadcast_to(np.asarray(a, dtype=np.float64), (self.m,)).copy()
+        if (alpha <= 0).any():
+            raise ValueError(f"dirichlet lambda alpha={a} must be > 0")
+        self.alpha = alpha
+
+    def _draw(self, n: int) -> np.ndarray:
+        return self.rng.dirichlet(self.alpha, size=n)
+
+
+class NormalizedUniformSchedule(LambdaSchedule):
+    """``normalized_uniform``: u ~ U[0, 1)^m, lambda = u / sum(u) (official code 8c2749c..e7b383e).
+
+    Not uniform on the simplex: for m = 4, Var(lambda_1) = 0.0196 vs 0.0375 for Dirichlet(1) (spec 3.4).
+    """
+
+    name = "normalized_uniform"
+
+    def _draw(self, n: int) -> np.ndarray:
+        u = self.rng.random((n, self.m))
+        while (u.sum(-1) == 0).any():  # probability 0, kept for exactness
+            u = self.rng.random((n, self.m))
+        return u / u.sum(-1, keepdims=True)
+
+
+class GaussianSchedule(LambdaSchedule):
+    """``gaussian``: z ~ N(mean, std^2 I) mapped to the simplex (PAPER; rule for negatives NON-NORMATIVE).
+
+    ``clip``: max(z, 0) / sum, redrawing a row whose entries are all <= 0; ``abs``: |z| / sum (redraw if 0);
+    ``softmax``: softmax(z). Defaults mean = 1/m, std = 1/m.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, cfg: LambdaScheduleConfig) -> None:
+        super().__init__(cfg)
+        mean = cfg.gaussian_mean if cfg.gaussian_mean is not None else [1.0 / self.m] * self.m
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.std = float(cfg.gaussian_std if cfg.gaussian_std is not None else 1.0 / self.m)
+        if self.mean.shape != (self.m,) or not self.std > 0:
+            raise ValueError(f"gaussian lambda needs {self.m} means and std > 0, got {mean}, {self.std}")
+        self.negatives = cfg.gaussian_negatives
+
+    def _one(self) -> np.ndarray:
+        while True:
+            z = self.rng.normal(self.mean, self.std)
+            if self.negatives == "softmax":
+                e = np.exp(z - z.max())
+                return e / e.sum()
+            v = np.maximum(z, 0.0) if self.negatives == "clip" else np.abs(z)
+            if v.sum() > 0:
+                return v / v.sum()
+
+    def _draw(self, n: int) -> np.ndarray:
+        return np.stack([self._one() for _ in range(n)])
+
+
+class OneHotSchedule(LambdaSchedule):
+    """``onehot``: e_k with k = ``onehot_index`` (fixed) or uniformly random per draw."""
+
+    name = "onehot"
+
+    def __init__(self, cfg: LambdaScheduleConfig) -> None:
+        super().__init__(cfg)
+        if cfg.onehot_index is not None and not 0 <= cfg.onehot_index < self.m:
+            raise ValueError(f"onehot_index={cfg.onehot_index} must be in [0, {self.m})")
+        self.index = cfg.onehot_index
+
+    def _draw(self, n: int) -> np.ndarray:
+        k = np.full(n, self.index) if self.index is not None else self.rng.integers(0, self.m, size=n)
+        return np.eye(self.m)[k]
+
+
+class CycleSchedule(LambdaSchedule):
+    """``cycle``: e_1, e_2, ..., e_m, e_1, ... one per draw, in order (deterministic)."""
+
+    name = "cycle"
+
+    def __init__(self, cfg: LambdaScheduleConfig) -> None:
+        super().__init__(cfg)
+        self.position = 0
+
+    def _draw(self, n: int) -> np.ndarray:
+        k = (self.position + np.arange(n)) % self.m
+        self.position += n
+        return np.eye(self.m)[k]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.position = int(state["position"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Table schedule (official TableLambdaScheduler)
+# --------------------------------------------------------------------------------------------------
+
+
+def table_sample_index(rand: random.Random, probs: Sequence[float]) -> int:
+    """One draw of the official ``TableLambdaScheduler.sample`` (spec 3.4), as a row index.
+
+    ``r = rand.random()``; probabilities are normalised by their python ``sum``; the chosen row is the first
+    with ``r <= cum`` where ``cum`` accumulates left to right in python floats; the last row if none.
+    """
+    total = sum(probs)
+    normed = [p / total for p in probs]
+    r = rand.random()
+    cum = 0.0
+    for i, p in enumerate(normed):
+        cum += p
+        if r <= cum:
+            return i
+    return len(normed) - 1
+
+
+class TableSchedule(LambdaSchedule):
+    """``table``: weighted rows, sampled exactly like the official ``TableLambdaScheduler`` (python
+    ``random.Random(seed)``; the official seed is 42). Default table: :data:`OFFICIAL_TABLE_HEAD`."""
+
+    name = "table"
+
+    def __init__(self, cfg: LambdaScheduleConfig) -> None:
+        super().__init__(cfg)
+        if cfg.table is None:
+            rows = [list(r) for r, _ in OFFICIAL_TABLE_HEAD]
+            probs = [p for _, p in OFFICIAL_TABLE_HEAD] if cfg.table_probs is None else list(cfg.table_probs)
+        else:
+            rows = [list(r) for r in cfg.table]
+            probs = [1.0] * len(rows) if cfg.table_probs is None else list(cfg.table_probs)
+        if not rows or any(len(r) != self.m for r in rows):
+            raise ValueError(f"lambda table rows must each have num_dims = {self.m} entries")
+        if len(probs) != len(rows) or any(p < 0 for p in probs) or sum(probs) <= 0:
+            raise ValueError(
+                f"lambda table_probs must be {len(rows)} non-negative weights with a positive sum")
+        self.rows = np.asarray(rows, dtype=np.float64)
+        self.probs = [float(p) for p in probs]
+        self.rand = random.Random(cfg.seed)
+        self.last_indices: list[int] = []
+
+    def sample_index(self) -> int:
+        return table_sample_index(self.rand, self.probs)
+
+    def _draw(self, n: int) -> np.ndarray:
+        self.last_indices = [self.sample_index() for _ in range(n)]
+        return self.rows[self.last_indices]
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rand.getstate()
+        return {"schedule": self.name, "num_samples": self.num_samples,
+                "py_random": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("schedule") != self.name:
+            raise ValueError(f"lambda schedule state is for {state.get('schedule')!r}, not {self.name!r}")
+        self.num_samples = int(state["num_samples"])
+        version, internal, gauss = state["py_random"]
+        self.rand.setstate((int(version), tuple(int(x) for x in internal), gauss))
+
+
+# --------------------------------------------------------------------------------------------------
+# Learned polynomial scheduler (spec 3.4, NON-NORMATIVE reconstruction of the paper's scheduler)
+# --------------------------------------------------------------------------------------------------
+
+
+def monomial_exponents(m: int, degree: int) -> list[tuple[int, ...]]:
+    """Index tuples of all monomials of total degree <= ``degree`` in m variables.
+
+    Ordered by degree, then lexicographically by the sorted index tuple: ``()``, ``(0,)``, ..., ``(m-1,)``,
+    ``(0, 0)``, ``(0, 1)``, ..., ``(m-1, m-1)``, ... (m = 4, degree 2: 1 + 4 + 10 = 15 features).
+    """
+    if degree < 0 or m < 1:
+        raise ValueError(f"monomial_exponents(m={m}, degree={degree}) needs m >= 1, degree >= 0")
+    out: list[tuple[int, ...]] = []
+    for d in range(degree + 1):
+        out.extend(itertools.combinations_with_replacement(range(m), d))
+    return out
+
+
+def poly_features(lam: Union[np.ndarray, Sequence[Sequence[float]]], degree: int) -> np.ndarray:
+    """Phi(lambda) ``[n, F]``: the monomials of :func:`monomial_exponents` at each row of ``lam``."""
+    x = np.atleast_2d(np.asarray(lam, dtype=np.float64))
+    cols = [np.prod(x[:, list(idx)], axis=1) if idx else np.ones(len(x)) for idx in
+            monomial_exponents(x.shape[1], degree)]
+    return np.stack(cols, axis=1)
+
+
+def fit_poly_scheduler(lambdas: Union[np.ndarray, Sequence[Sequence[float]]], scores: Sequence[float],
+                       degree: int = 2) -> np.ndarray:
+    """``w = argmin ||Phi w - score||^2`` with the minimum norm (SVD ``lstsq``); Phi is rank-deficient on
+    the simplex (sum lambda = 1), and with fewer points than features the fit interpolates them exactly."""
+    phi = poly_features(lambdas, degree)
+    y = np.asarray(scores, dtype=np.float64)
+    if y.shape != (phi.shape[0],):
+        raise ValueError(f"fit_poly_scheduler: {phi.shape[0]} lambdas but {y.shape} scores")
+    w, *_ = np.linalg.lstsq(phi, y, rcond=None)
+    return w
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def poly_scheduler_table(weights: np.ndarray, degree: int, m: int, num_candidates: int, temperature: float,
+                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K candidates from Dirichlet(1), ``a_hat = Phi(c) w`` and ``pi = softmax(a_hat / tau)``.
+
+    Returns ``(candidates [K, m], a_hat [K], pi [K])``.
+    """
+    if num_candidates < 1 or not temperature > 0:
+        raise ValueError(f"poly scheduler needs num_candidates >= 1 and temperature > 0, got "
+                         f"{num_candidates}, {temperature}")
+    cands = rng.dirichlet(np.ones(m), size=num_candidates)
+    a_hat = poly_features(cands, degree) @ weights
+    return cands, a_hat, _softmax(a_hat / temperature)
+
+
+class PolynomialLambdaScheduler(LambdaSchedule):
+    """``learned``: the seed paper's polynomial lambda scheduler (spec 3.4, NON-NORMATIVE; no commit has it).
+
+    1. probe trainings with fixed lambda^(j) give points (lambda^(j), score^(j)), e.g. a Ray Tune sweep;
+    2. features Phi(lambda) = all monomials of total degree <= p (:func:`monomial_exponents`);
+    3. w = minimum-norm least squares fit of the scores (:func:`fit_poly_scheduler`);
+    4. K candidates c_1..c_K ~ Dirichlet(1) (drawn once, from the seed);
+    5. a_hat = Phi(c) w, pi = softmax(a_hat / tau);
+    6. each draw picks a candidate with probability pi.
+
+    Defaults p = 2, K = 10, tau = 0.01 (not recoverable from the paper's code; the shipped 10-row table with
+    p ~ 0.1 each implies tau large relative to the spread of a_hat).
+    """
+
+    name = "learned"
+
+    def __init__(self, cfg: LambdaScheduleConfig,
+                 points: Optional[Sequence[tuple[Sequence[float], float]]] = None) -> None:
+        super().__init__(cfg)
+        pts = points if points is not None else cfg.points
+        if pts is None and cfg.results_path is not None:
+            pts = read_results_table(cfg.results_path, _lambda_columns(cfg), cfg.score_column)
+        if not pts:
+            raise ValueError(
+                "learned lambda schedule needs (lambda, score) points: set points or results_path")
+        lam = np.asarray([list(p[0]) for p in pts], dtype=np.float64)
+        if lam.shape[1] != self.m:
+            raise ValueError(f"learned lambda points have {lam.shape[1]} dimensions, num_dims is {self.m}")
+        self.points_lambda = lam
+        self.points_score = np.asarray([float(p[1]) for p in pts], dtype=np.float64)
+        self.weights = fit_poly_scheduler(lam, self.points_score, cfg.degree)
+        self.candidates, self.a_hat, self.probs = poly_scheduler_table(
+            self.weights, cfg.degree, self.m, cfg.num_candidates, cfg.temperature, self.rng)
+        self.last_indices: list[int] = []
+
+    def predict(self, lam: Union[np.ndarray, Sequence[Sequence[float]]]) -> np.ndarray:
+        """The fitted polynomial a_hat(lambda) at each row of ``lam``."""
+        return poly_features(lam, self.cfg.degree) @ self.weights
+
+    def _draw(self, n: int) -> np.ndarray:
+        idx = self.rng.choice(len(self.probs), size=n, p=self.probs)
+        self.last_indices = [int(i) for i in idx]
+        return self.candidates[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        # The fitted table is stored so a resumed run keeps sampling the same candidates even if the
+        # points file changed since.
+        return {**super().state_dict(), "candidates": self.candidates.tolist(), "a_hat": self.a_hat.tolist(),
+                "probs": self.probs.tolist(), "weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.candidates = np.asarray(state["candidates"], dtype=np.float64)
+        self.a_hat = np.asarray(state["a_hat"], dtype=np.float64)
+        self.probs = np.asarray(state["probs"], dtype=np.float64)
+        self.weights = np.asarray(state["weights"], dtype=np.float64)
+
+
+def _lambda_columns(cfg: LambdaScheduleConfig) -> list[str]:
+    return list(cfg.lambda_columns) if cfg.lambda_columns else [f"lambda_{k}" for k in range(cfg.num_dims)]
+
+
+def read_results_table(
+    path_or_rows: Union[str, Path, Iterable[Mapping[str, Any]]],
+    lambda_columns: Sequence[str],
+    score_column: str,
+) -> list[tuple[list[float], float]]:
+    """(lambda, score) points from a results table: a CSV path (e.g. a Ray Tune ``ResultGrid`` dataframe
+    written with ``to_csv``) or an iterable of row mappings. Rows with a missing or non-finite score or
+    lambda are skipped; unknown column names raise with the available ones."""
+    if isinstance(path_or_rows, (str, Path)):
+        with open(path_or_rows, newline="") as f:
+            rows: list[Mapping[str, Any]] = list(csv.DictReader(f))
+    else:
+        rows = list(path_or_rows)
+    if not rows:
+        raise ValueError("read_results_table: the results table has no rows")
+    available = set(rows[0].keys())
+    missing = [c for c in [*lambda_columns, score_column] if c not in available]
+    if missing:
+        raise ValueError(
+            f"read_results_table: columns {missing} not in the table; available: {sorted(available)}")
+    points: list[tuple[list[float], float]] = []
+    for row in rows:
+        try:
+            lam = [float(row[c]) for c in lambda_columns]
+            score = float(row[score_column])
+        except (TypeError, ValueError):
+            continue
+        if all(math.isfinite(x) for x in [*lam, score]):
+            points.append((lam, score))
+    if not points:
+        raise ValueError("read_results_table: no row has finite lambda and score values")
+    return points
+
+
+def from_results_table(
+    path_or_rows: Union[str, Path, Iterable[Mapping[str, Any]]],
+    lambda_columns: Sequence[str],
+    score_column: str,
+    **config: Any,
+) -> PolynomialLambdaScheduler:
+    """A fitted :class:`PolynomialLambdaScheduler` from a results table (see :func:`read_results_table`).
+
+    ``config`` sets the other :class:`LambdaScheduleConfig` fields (seed, per, degree, num_candidates,
+    temperature); ``num_dims`` is ``len(lambda_columns)``.
+    """
+    points = read_results_table(path_or_rows, lambda_columns, score_column)
+    cfg = LambdaScheduleConfig(schedule="learned", num_dims=len(lambda_columns),
+                               lambda_columns=list(lambda_columns), score_column=score_column, **config)
+    return PolynomialLambdaScheduler(cfg, points=points)
+
+
+_CLASSES: dict[str, type[LambdaSchedule]] = {
+    "fixed": FixedSchedule,
+    "uniform": DirichletSchedule,
+    "dirichlet": DirichletSchedule,
+    "normalized_uniform": NormalizedUniformSchedule,
+    "gaussian": GaussianSchedule,
+    "onehot": OneHotSchedule,
+    "cycle": CycleSchedule,
+    "table": TableSchedule,
+    "learned": PolynomialLambdaScheduler,
+}
+
+
+def build_lambda_schedule(cfg: Any, num_dims: Optional[int] = None) -> LambdaSchedule:
+    """The schedule described by ``cfg`` (a :class:`LambdaScheduleConfig`, a mapping, or
+    ``raypo.config.LambdaConfig``); ``num_dims`` overrides m (e.g. from ``data.dimensions``)."""
+    c = LambdaScheduleConfig.from_any(cfg, num_dims=num_dims)
+    return _CLASSES[c.schedule](c)
+

@@ -1,0 +1,227 @@
+"""Pairwise losses: DPO, IPO, SLiC-hinge (spec 1) and SimPO (spec 6.2).
+
+All take ``[B, N]`` log-probs. With ``scores=None`` they need N = 2 with column 0 the chosen and column 1
+the rejected response. With ``scores [B, N]`` any N works: the chosen response is the best valid one
+(argmax, first occurrence) and the rejected one the worst (argmin, first occurrence). Prompts whose best
+and worst scores tie, or with fewer than two valid responses, are skipped: they are counted in
+``metrics["num_skipped"]`` and excluded from the denominator. Batch value = mean over the remaining prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from raypo.losses._common import (
+    LossHyperparameterError,
+    LossOutput,
+    check_choice,
+    check_positive,
+    check_range,
+    detached_count,
+    finish,
+    prepare_inputs,
+    row_has_valid,
+)
+from raypo.losses.labels import best_worst
+
+
+@dataclass
+class PairSelection:
+    """Chosen (w) and rejected (l) values per prompt, and which prompts are usable."""
+
+    policy_w: Tensor
+    policy_l: Tensor
+    ref_w: Tensor
+    ref_l: Tensor
+    usable: Tensor  # [B] bool
+    mask: Tensor  # [B, N] bool, the validity mask after NaN labels were removed
+
+
+def select_pair(
+    name: str, policy: Tensor, ref: Tensor, mask: Tensor, scores: Optional[Tensor]
+) -> PairSelection:
+    """Picks (chosen, rejected) per prompt: columns (0, 1) without scores, else best / worst by score."""
+    if scores is None:
+        if policy.shape[1] != 2:
+            raise LossHyperparameterError(
+                f"{name}: without scores the input must be N = 2 columns [chosen, rejected], got N = "
+                f"{policy.shape[1]}; pass scores [B, N] to pick the best and worst of N responses"
+            )
+        w = torch.zeros(policy.shape[0], dtype=torch.long, device=policy.device)
+        lo = torch.ones_like(w)
+        usable = mask[:, 0] & mask[:, 1]
+    else:
+        if scores.dim() != 2 or scores.shape != policy.shape:
+            raise LossHyperparameterError(
+                f"{name}: scores must be [B, N] = {tuple(policy.shape)}, got {tuple(scores.shape)}; reduce "
+                "per-dimension ratings first (raypo.losses.labels.aggregate_ratings)"
+            )
+        scores = scores.to(policy.device)
+        mask = mask & ~torch.isnan(scores.to(policy.dtype))
+        w, lo, usable = best_worst(scores, mask)
+
+    def take(x: Tensor, idx: Tensor) -> Tensor:
+        return x.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+    return PairSelection(take(policy, w), take(policy, lo), take(ref, w), take(ref, lo), usable, mask)
+
+
+def pair_output(
+    per_prompt: Tensor, sel: PairSelection, s_all: Tensor, s_w: Tensor, s_l: Tensor
+) -> LossOutput:
+    """Sums the usable prompts' losses; the rest are skipped (0 in the numerator, not in the denominator)."""
+    usable = sel.usable
+    zero = torch.zeros((), dtype=per_prompt.dtype, device=per_prompt.device)
+    numerator = torch.where(usable, per_prompt, zero).sum()
+    denominator = detached_count(usable, per_prompt.dtype)
+    has_valid = row_has_valid(sel.mask)
+    metrics = {
+        "num_prompts": detached_count(has_valid, per_prompt.dtype),
+        "num_skipped": detached_count(has_valid & ~usable, per_prompt.dtype),
+        "rewards_chosen_sum": torch.where(usable, s_w, zero).sum(),
+        "rewards_rejected_sum": torch.where(usable, s_l, zero).sum(),
+        "reward_accuracy_sum": torch.where(usable, (s_w > s_l).to(s_w.dtype), zero).sum(),
+    }
+    rewards = torch.where(sel.mask, s_all, zero)
+    return finish(numerator, denominator, metrics, rewards)
+
+
+def dpo_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """DPO sigmoid loss with optional cDPO label smoothing (spec 1.1; Rafailov et al. Eq. 7; TRL "sigmoid").
+
+        s_i = beta * (logp_theta[i] - logp_ref[i]),   D_s = s_w - s_l
+        L = -(1 - eps) * log sigmoid(D_s) - eps * log sigmoid(-D_s)
+
+    Log-probs: summed over completion tokens (TRL). Defaults: beta = 0.1, label_smoothing eps = 0
+    (TRL v0.12.2 semantics; TRL HEAD dropped eps from "sigmoid", identical at eps = 0).
+    Shapes: ``policy_logps``, ``ref_logps`` ``[B, N]``; pair selection as in the module docstring.
+    """
+    name = "dpo"
+    check_positive(name, "beta", beta)
+    check_range(name, "label_smoothing", label_smoothing, 0.0, 0.5)
+    policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
+    sel = select_pair(name, policy, ref, mask, scores)
+    s_w, s_l = beta * (sel.policy_w - sel.ref_w), beta * (sel.policy_l - sel.ref_l)
+    logits = s_w - s_l
+    per_prompt = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return pair_output(per_prompt, sel, beta * (policy - ref), s_w, s_l)
+
+
+def ipo_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    beta: float = 0.1,
+) -> LossOutput:
+    """IPO (spec 1.2; Azar et al. Eq. 17; TRL "ipo"), tau := beta.
+
+        D = (logp_theta[w] - logp_theta[l]) - (logp_ref[w] - logp_ref[l])
+        L = (D - 1 / (2 * tau))^2            (= (D_s - 1/2)^2 / beta^2 in s units)
+
+    Log-probs: length-averaged (TRL, confirmed by the IPO authors). Minimum at D = 1/(2 tau), not at
+    infinity. Default beta (tau) = 0.1.
+    """
+    name = "ipo"
+    check_positive(name, "beta", beta)
+    policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
+    sel = select_pair(name, policy, ref, mask, scores)
+    d = (sel.policy_w - sel.policy_l) - (sel.ref_w - sel.ref_l)
+    per_prompt = (d - 1.0 / (2.0 * beta)) ** 2
+    s_w, s_l = beta * (sel.policy_w - sel.ref_w), beta * (sel.policy_l - sel.ref_l)
+    return pair_output(per_prompt, sel, beta * (policy - ref), s_w, s_l)
+
+
+def slic_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    beta: float = 0.1,
+    margin: float = 1.0,
+) -> LossOutput:
+    """SLiC hinge / SLiC_norm (spec 1.3; TRL "hinge"; LiPO Eq. 6).
+
+        L = max(0, margin - (s_w - s_l)),   margin = 1 (hard-coded in TRL)
+
+    Reference-normalised, no regulariser. Log-probs summed. Defaults: beta = 0.1, margin = 1.0.
+    The gradient is -beta w.r.t. logp_theta[w] while the hinge is active and 0 otherwise.
+    """
+    name = "slic"
+    check_positive(name, "beta", beta)
+    check_positive(name, "margin", margin)
+    policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
+    sel = select_pair(name, policy, ref, mask, scores)
+    s_w, s_l = beta * (sel.policy_w - sel.ref_w), beta * (sel.policy_l - sel.ref_l)
+    per_prompt = torch.relu(margin - (s_w - s_l))
+    return pair_output(per_prompt, sel, beta * (policy - ref), s_w, s_l)
+
+
+def resolve_simpo_gamma(beta: float, gamma: Optional[float], gamma_beta_ratio: Optional[float]) -> float:
+    """SimPO's margin: absolute ``gamma`` if given, else ``gamma_beta_ratio * beta`` (official code)."""
+    if gamma is not None and gamma_beta_ratio is not None:
+        if abs(gamma - gamma_beta_ratio * beta) > 1e-12 * max(1.0, abs(gamma)):
+            raise LossHyperparameterError(
+                f"simpo: gamma={gamma} and gamma_beta_ratio={gamma_beta_ratio} disagree at beta={beta} "
+                f"(gamma_beta_ratio * beta = {gamma_beta_ratio * beta}); give only one of them"
+            )
+        return float(gamma)
+    if gamma is not None:
+        return float(gamma)
+    return float((0.25 if gamma_beta_ratio is None else gamma_beta_ratio) * beta)
+
+
+def simpo_loss(
+    policy_logps: Tensor,
+    ref_logps: Optional[Tensor] = None,
+    *,
+    mask: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    beta: float = 2.0,
+    gamma: Optional[float] = None,
+    gamma_beta_ratio: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> LossOutput:
+    """SimPO (spec 6.2; princeton-nlp/SimPO ``simpo_loss``), reference-free and length-normalised.
+
+        z = beta * (abar_w - abar_l) - gamma,   abar = length-normalised policy log-prob
+        sigmoid: L = -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)
+        hinge:   L = relu(1 - z)
+
+    ``ref_logps`` is ignored. Defaults (simpo_config.py): beta = 2.0, gamma_beta_ratio = 0.25 so
+    gamma = 0.5; eps = 0; loss_type = "sigmoid". An absolute ``gamma`` (LLaMA-Factory's ``simpo_gamma``)
+    takes precedence; giving both ``gamma`` and a disagreeing ``gamma_beta_ratio`` is an error.
+    gamma = 0 gives DPO with logp_ref = 0 (identity 9).
+    """
+    name = "simpo"
+    check_positive(name, "beta", beta)
+    check_range(name, "label_smoothing", label_smoothing, 0.0, 0.5)
+    check_choice(name, "loss_type", loss_type, ("sigmoid", "hinge"))
+    g = resolve_simpo_gamma(beta, gamma, gamma_beta_ratio)
+    policy, _, mask = prepare_inputs(name, policy_logps, None, mask)
+    zeros = torch.zeros_like(policy)
+    sel = select_pair(name, policy, zeros, mask, scores)
+    s_w, s_l = beta * sel.policy_w, beta * sel.policy_l
+    z = s_w - s_l - g
+    if loss_type == "sigmoid":
+        per_prompt = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    else:
+        per_prompt = torch.relu(1.0 - z)
+    return pair_output(per_prompt, sel, beta * policy, s_w, s_l)
+
