@@ -2,7 +2,7 @@
 
 A raypo config is plain YAML whose top-level sections mirror the dataclasses below (``model``, ``data``,
 ``loss``, ``lambdas``, ``optimizer``, ``deepspeed``, ``scaling``, ``train``, ``checkpoint``, ``logging``,
-``tune``, ``ray``).
+``tune``, ``ray``, ``plan``).
 
 Composition
     A config may start with a ``defaults:`` list of other YAML files. They are merged in order, then the
@@ -86,6 +86,9 @@ class DataConfig:
     max_reject_fraction: float = 0.01
     quarantine_path: Optional[str] = None
     rating_temperature: float = 1.0
+    merge_pairs: bool = True  # pairwise: merge a prompt's pairs into one ranked list when consistent
+    keep_system_prompt: bool = False  # ultrafeedback: keep completions' custom_system_prompt in metadata
+    tokenize_concurrency: int = 1  # tokenizer actors (Ray Data map_batches concurrency)
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -206,6 +209,30 @@ class RayConfig:
 
 
 @dataclass
+class PlanConfig:
+    """Inputs of ``raypo plan`` (per-GPU memory estimate, see :mod:`raypo.plan`); training ignores them.
+
+    ``model`` names a known architecture (``raypo.plan.KNOWN_MODELS``: llama-3-8b, qwen2.5-32b, ...); None
+    reads ``model.path``/config.json when it is a local directory. The architecture numbers override it.
+    ``node_type`` names a known instance (p4de.24xlarge, a2-ultragpu-8g, ...); the hardware numbers
+    override it. GPUs = ``scaling.num_workers``; nodes = ceil(GPUs / gpus_per_node).
+    """
+
+    model: Optional[str] = None
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    node_type: Optional[str] = None
+    gpus_per_node: Optional[int] = None
+    gpu_memory_gib: Optional[float] = None
+    cpu_memory_gib: Optional[float] = None  # host RAM per node
+    responses_per_prompt: int = 4  # N, the list size activations are sized for
+
+
+@dataclass
 class RaypoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -219,6 +246,7 @@ class RaypoConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,6 +466,15 @@ def _at_least(problems: list[str], key: str, value: int, low: int) -> None:
         problems.append(f"{key}={value} must be >= {low}")
 
 
+def _loss_param_problems(lo: LossConfig) -> list[str]:
+    """Hyperparameters the chosen loss does not accept, checked against the loss registry."""
+    from raypo.losses.registry import get_loss_spec
+
+    accepted = sorted(k for k in get_loss_spec(lo.name).defaults if k != "beta")
+    return [f"unknown key 'loss.params.{key}' for loss {lo.name}: {_did_you_mean(key, accepted)}"
+            for key in lo.params if key not in accepted]
+
+
 def validate(cfg: RaypoConfig) -> list[str]:
     """Impossible values, each as a message naming the key, the value and the fix."""
     p: list[str] = []
@@ -456,6 +493,7 @@ def validate(cfg: RaypoConfig) -> list[str]:
     _positive(p, "data.max_prompt_length", d.max_prompt_length)
     _positive(p, "data.max_response_length", d.max_response_length)
     _positive(p, "data.rating_temperature", d.rating_temperature)
+    _at_least(p, "data.tokenize_concurrency", d.tokenize_concurrency, 1)
 
     _choice(p, "loss.name", lo.name, LOSS_NAMES)
     _positive(p, "loss.beta", lo.beta, "beta scales the implicit reward; typical values are 0.01-0.5")
@@ -464,6 +502,8 @@ def validate(cfg: RaypoConfig) -> list[str]:
                  "mpo); set loss.params.alpha, e.g. 0.1, or use loss.name=mpo")
     if "beta" in lo.params:
         p.append("loss.params.beta: beta has its own key; move it to loss.beta")
+    elif lo.name in LOSS_NAMES:
+        p += _loss_param_problems(lo)
 
     _choice(p, "lambdas.schedule", la.schedule, LAMBDA_SCHEDULES)
     _choice(p, "lambdas.per", la.per, ("prompt", "batch"))
@@ -545,4 +585,13 @@ def validate(cfg: RaypoConfig) -> list[str]:
     _choice(p, "tune.scheduler", tu.scheduler, ("asha", "fifo"))
     _choice(p, "tune.search_alg", tu.search_alg, ("random", "grid", "optuna", "hyperopt"))
     _at_least(p, "tune.max_concurrent_trials", tu.max_concurrent_trials, 0)
+
+    pl = cfg.plan
+    _at_least(p, "plan.responses_per_prompt", pl.responses_per_prompt, 2)
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+                "gpus_per_node"):
+        if getattr(pl, key) is not None:
+            _at_least(p, f"plan.{key}", getattr(pl, key), 1)
+    _positive(p, "plan.gpu_memory_gib", pl.gpu_memory_gib, "e.g. 80 for an A100-80GB")
+    _positive(p, "plan.cpu_memory_gib", pl.cpu_memory_gib, "host RAM per node, e.g. 1152 for p4de.24xlarge")
     return p

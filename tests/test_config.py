@@ -24,12 +24,12 @@ def test_defaults_give_a_valid_config():
 
 def test_yaml_composes_defaults_in_order_then_file_then_overrides(tmp_path):
     write(tmp_path, "model/tiny.yaml", "model:\n  path: tiny://llama\n  dtype: float32\n")
-    write(tmp_path, "loss/dpo.yaml", "loss:\n  name: dpo\n  beta: 0.1\n")
-    write(tmp_path, "loss/ipo.yaml", "defaults: [dpo]\nloss:\n  name: ipo\n")
+    write(tmp_path, "loss/ipo.yaml", "loss:\n  name: ipo\n  beta: 0.1\n")
+    write(tmp_path, "loss/dpo.yaml", "defaults: [ipo]\nloss:\n  name: dpo\n")
     main = write(tmp_path, "run.yaml", """\
         defaults:
           - model/tiny
-          - loss/ipo.yaml
+          - loss/dpo.yaml
         loss:
           beta: 0.2
         train:
@@ -37,7 +37,7 @@ def test_yaml_composes_defaults_in_order_then_file_then_overrides(tmp_path):
         """)
     cfg = load_config(main, ["train.max_steps=9", "loss.params.label_smoothing=0.1"])
     assert cfg.model.dtype == "float32"
-    assert cfg.loss.name == "ipo"  # the include's own include came first, the include itself on top
+    assert cfg.loss.name == "dpo"  # the include's own include came first, the include itself on top
     assert cfg.loss.beta == 0.2  # the file beats its defaults
     assert cfg.train.max_steps == 9  # the command line beats the file
     assert cfg.loss.params == {"label_smoothing": 0.1}
@@ -127,3 +127,11 @@ def test_table_lambdas_tolerate_published_rounding():
     rows = [[0.469, 0.092, 0.198, 0.242], [0.013, 0.341, 0.623, 0.022]]  # sums 1.001 and 0.999
     cfg = config_from_dict({"lambdas": {"schedule": "table", "table": rows}})
     assert cfg.lambdas.table == rows
+
+
+def test_loss_params_are_checked_against_the_loss_registry():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"loss": {"name": "lipo_lambda", "params": {"scael": "valid"}}})
+    assert "loss.params.scael" in str(exc.value) and "did you mean 'scale'" in str(exc.value)
+    cfg = config_from_dict({"loss": {"name": "lipo_lambda", "params": {"scale": "valid"}}})
+    assert cfg.loss.params == {"scale": "valid"}

@@ -12,7 +12,14 @@ def train_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from raypo.cli import NotBuiltError
+    from raypo.train.trainer import run_training
 
-    raise NotBuiltError("training is not available in this build of raypo yet; "
-                        "`raypo train CONFIG --dry-run` validates a config")
+    result = run_training(cfg)
+    print(f"\nrun directory: {result.run_dir}")
+    print(f"checkpoint:    {result.checkpoint}")
+    if result.export_dir:
+        print(f"exported model (Hugging Face format): {result.export_dir}")
+    for key in ("eval/pairwise_accuracy", "eval/loss", "train/loss"):
+        if key in result.metrics:
+            print(f"{key}: {result.metrics[key]:.4f}")
+    return 0

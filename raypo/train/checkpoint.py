@@ -1,0 +1,128 @@
+"""Checkpoints: DeepSpeed shards per rank plus raypo's own state, merged by Ray Train in storage.
+
+Layout of one checkpoint directory (``{storage_path}/{run_name}/step_00000040/``)::
+
+    ds/latest, ds/<tag>/zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt   every rank writes its shard
+    hf/config.json, hf/tokenizer*                                              rank 0: what export needs
+    raypo_state.json                                                           rank 0: step, data position,
+                                                                               lambda-schedule state
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+STATE_FILE = "raypo_state.json"
+DS_DIR = "ds"
+HF_DIR = "hf"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; enough to continue without repeating or skipping data."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this rank consumed in ``epoch`` (same on every rank)
+    lambda_state: dict[str, Any] = field(default_factory=dict)
+    tokens_seen: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        return cls(**json.loads(text))
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(engine, state: TrainState, *, rank: int, hf_config=None, tokenizer=None) -> str:
+    """Write this rank's part of a checkpoint into a fresh local directory and return it.
+
+    Every rank must call this (DeepSpeed's save is a collective). The directory is made with mkdtemp, not a
+    context manager, because Ray may upload it after this function returns.
+    """
+    local = tempfile.mkdtemp(prefix=f"raypo_ckpt_r{rank}_")
+    engine.save_checkpoint(os.path.join(local, DS_DIR), tag=f"step{state.global_step}",
+                           client_state={"raypo": asdict(state)})
+    if rank == 0:
+        Path(local, STATE_FILE).write_text(state.to_json())
+        if hf_config is not None:
+            hf_config.save_pretrained(os.path.join(local, HF_DIR))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(local, HF_DIR))
+    return local
+
+
+def load_checkpoint(engine, checkpoint_dir: str) -> TrainState:
+    """Load DeepSpeed states (this rank's shard) and raypo's state from a downloaded checkpoint."""
+    _, client = engine.load_checkpoint(os.path.join(checkpoint_dir, DS_DIR))
+    if client is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint found under {checkpoint_dir}/{DS_DIR}; the checkpoint "
+                           "is incomplete (was a rank's upload interrupted?)")
+    return TrainState(**client["raypo"])
+
+
+def local_copy(uri: str, storage_options: Optional[dict] = None) -> tuple[str, bool]:
+    """A local directory holding ``uri`` (local path or ``s3://``); True if it is a temporary copy."""
+    if "://" not in uri:
+        return uri, False
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    tmp = tempfile.mkdtemp(prefix="raypo_dl_")
+    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    return tmp, True
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") -> str:
+    """Write a checkpoint as a Hugging Face model: safetensors weights, config and tokenizer.
+
+    The ZeRO-3 shards are merged on CPU with DeepSpeed's ``zero_to_fp32`` (the full model in fp32 must fit
+    in host RAM: 4 bytes per parameter). The result loads with ``AutoModelForCausalLM.from_pretrained``.
+    """
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    local, temporary = local_copy(checkpoint)
+    try:
+        ds_dir, hf_dir = os.path.join(local, DS_DIR), os.path.join(local, HF_DIR)
+        if not os.path.isdir(ds_dir) or not os.path.isdir(hf_dir):
+            raise FileNotFoundError(f"{checkpoint} is not a raypo checkpoint (expected {DS_DIR}/ and "
+                                    f"{HF_DIR}/ inside); pass a directory like <run>/step_00000040")
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(ds_dir)
+        config = AutoConfig.from_pretrained(hf_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        torch_dtype = getattr(torch, dtype)
+        state_dict = {k: v.to(torch_dtype) for k, v in state_dict.items()}
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        missing = [k for k in missing if k not in _tied_keys(model)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint and model disagree: missing {missing[:5]}, unexpected "
+                               f"{unexpected[:5]}")
+        model.tie_weights()
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(hf_dir).save_pretrained(out_dir)
+        return out_dir
+    finally:
+        if temporary:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    if isinstance(tied, dict):
+        return set(tied)
+    return set(tied)

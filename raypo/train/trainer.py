@@ -1,0 +1,132 @@
+"""Trainer assembly on the driver: datasets, Ray Train's TorchTrainer, storage, callbacks, export.
+
+This is the thin Ray glue around :func:`raypo.train.loop.train_loop_per_worker`; everything that runs on the
+workers lives there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from raypo.config import RaypoConfig, to_dict
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    checkpoint: Optional[str]
+    export_dir: Optional[str]
+    metrics: dict[str, Any]
+
+
+def run_name(cfg: RaypoConfig) -> str:
+    """A deterministic name (never a timestamp), so a restarted driver finds the run's checkpoints."""
+    return cfg.checkpoint.run_name or f"raypo-{cfg.loss.name}"
+
+
+def storage_location(cfg: RaypoConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig.
+
+    Local paths are made absolute. ``s3://`` paths use pyarrow's S3 filesystem, pointed at a custom endpoint
+    (MinIO, a loopback test server) when ``data.s3.endpoint_url`` or ``AWS_ENDPOINT_URL`` names one.
+    """
+    path = cfg.checkpoint.storage_path
+    if not path.startswith("s3://"):
+        return str(Path(os.path.expanduser(path)).resolve()), None
+    endpoint = cfg.data.s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL")
+    if not endpoint:
+        return path, None
+    from pyarrow import fs
+
+    scheme, _, host = endpoint.partition("://")
+    region = cfg.data.s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    s3 = fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https", region=region)
+    return path.removeprefix("s3://"), s3
+
+
+def resolve_model_paths(cfg: RaypoConfig) -> tuple[str, str]:
+    """Local (or hub id) paths of the policy and reference models; ``tiny://`` models are built here."""
+    from raypo.modeling import resolve_model_path
+
+    policy = resolve_model_path(cfg.model.path, s3=cfg.data.s3)
+    ref = resolve_model_path(cfg.model.reference_path, s3=cfg.data.s3) if cfg.model.reference_path else policy
+    return policy, ref
+
+
+def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
+    """A ready-to-fit TorchTrainer for ``cfg`` (used by ``raypo train`` and by each Tune trial)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raypo.data.pipeline import build_datasets
+    from raypo.train.callbacks import ProgressCallback
+    from raypo.train.loop import train_loop_per_worker
+
+    policy_path, ref_path = resolve_model_paths(cfg)
+    train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer_path=policy_path)
+    print(report.summary() if hasattr(report, "summary") else report, flush=True)
+    if cfg.train.reference == "precomputed":
+        from raypo.train.reference import add_reference_logprobs
+
+        train_ds = add_reference_logprobs(train_ds, cfg, ref_path)
+        eval_ds = add_reference_logprobs(eval_ds, cfg, ref_path) if eval_ds is not None else None
+
+    storage_path, storage_fs = storage_location(cfg)
+    name = run_name(cfg)
+    tb_dir = None
+    if cfg.logging.tensorboard:
+        base = storage_path if storage_fs is None else os.path.expanduser("~/raypo_runs")
+        tb_dir = os.path.join(base, name, "tensorboard")
+    all_callbacks = [ProgressCallback(cfg.train.max_steps, tb_dir), *(callbacks or [])]
+
+    datasets = {"train": train_ds}
+    if eval_ds is not None:
+        datasets["eval"] = eval_ds
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=dict(cfg.scaling.resources_per_worker) or None,
+        placement_strategy=cfg.scaling.placement_strategy)
+    run_config = ray.train.RunConfig(
+        name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        callbacks=all_callbacks)
+    loop_config = {"config": to_dict(cfg), "policy_path": policy_path, "ref_path": ref_path,
+                   "has_eval": eval_ds is not None}
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=scaling, run_config=run_config, datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)))
+
+
+def init_ray(cfg: RaypoConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAYPO_", "HF_"))}
+    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+             runtime_env={"env_vars": env} if env else None, configure_logging=False)
+
+
+def run_training(cfg: RaypoConfig) -> TrainResult:
+    """Fit, then export the final checkpoint to Hugging Face format if ``checkpoint.export_path`` is set."""
+    init_ray(cfg)
+    result = build_trainer(cfg).fit()
+    ckpt = result.checkpoint
+    export_dir = None
+    if ckpt is not None and cfg.checkpoint.export_path:
+        from raypo.train.checkpoint import export_checkpoint
+
+        export_dir = str(Path(os.path.expanduser(cfg.checkpoint.export_path)).resolve())
+        with ckpt.as_directory() as local:
+            export_checkpoint(local, export_dir)
+    storage_path, _ = storage_location(cfg)
+    return TrainResult(run_dir=f"{cfg.checkpoint.storage_path.rstrip('/')}/{run_name(cfg)}",
+                       checkpoint=ckpt.path if ckpt is not None else None, export_dir=export_dir,
+                       metrics=dict(result.metrics or {}))
