@@ -1,0 +1,214 @@
+"""Per-response sequence log-probs of a listwise batch: s[b, i] = sum_t log pi(y_{b,i,t} | x_b, y_{b,i,<t}).
+
+:class:`ListwiseLogProbModel` wraps a Hugging Face causal LM. Its forward takes packed tensors
+(:mod:`raypo.packing`) and returns per-response sums; it is the module handed to ``deepspeed.initialize``, so
+the decoder, the block mask and the chunked log-prob head (:mod:`raypo.logprobs`) all run inside the
+engine's forward, which ZeRO-3 needs (parameter gathering, micro-step bookkeeping, output hooks).
+
+:func:`grouped_logprobs` is the one entry point for policy, reference and precomputed-reference passes, so
+step-0 implicit rewards are exactly zero when policy and reference weights agree.
+
+Attention backends for the shared layout (``config._attn_implementation`` of the loaded model):
+
+* ``eager``: dense additive float mask [R, 1, L, L] in the model dtype.
+* ``sdpa``: dense boolean mask [R, 1, L, L] (SDPA's flash kernel takes no arbitrary mask, so it runs the
+  memory-efficient or math kernel; the mask costs R*L^2 bytes). The CPU path and the default (``auto``).
+* ``flex_attention``: a FlexAttention ``BlockMask`` from :func:`raypo.packing.prefix_sharing_mask_mod`
+  (GPU; block-sparse, so masked-out response pairs cost nothing). Only its forward is checked, on CPU (an
+  integration test); its backward and the GPU kernels have not been run.
+* ``flash_attention_*``: no custom mask, so prefix sharing is refused (use the unshared layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from raypo.logprobs import (
+    DEFAULT_HEAD_CHUNK_SIZE,
+    check_head_supported,
+    lm_head_label_logprobs,
+    normalised_entropy,
+    output_vocab_size,
+)
+from raypo.packing import (
+    ListwiseBatch,
+    PackedInputs,
+    additive_mask,
+    pack_shared,
+    pack_unshared,
+    prefix_sharing_mask,
+    prefix_sharing_mask_mod,
+)
+
+_DENSE_MASK_BACKENDS = ("eager", "sdpa")
+
+
+@dataclass
+class LogProbOutput:
+    """Per-response results, all [B, N]; missing responses (``mask`` False) hold 0.
+
+    logps: summed log-probs s = sum_t log p(y_t | ...), fp32 (float64 for a float64 model); differentiable.
+    num_tokens: int64 scored-token counts, so ``logps / num_tokens`` is the length-normalised log-prob.
+    entropy: MallowsPO's H̄(y) = sum_t H_t / (num_tokens * ln|V|) when requested (no gradient), else None.
+    """
+
+    logps: torch.Tensor
+    num_tokens: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+    @property
+    def mean_logps(self) -> torch.Tensor:
+        return self.logps / self.num_tokens.clamp_min(1).to(self.logps.dtype)
+
+
+class ListwiseLogProbModel(nn.Module):
+    """A causal LM seen as a function from packed listwise inputs to per-response log-prob sums.
+
+    Args:
+        causal_lm: a Hugging Face ``*ForCausalLM`` (or a PEFT model around one) whose logits are
+            ``lm_head(decoder(...))`` with a linear ``lm_head``.
+        head_chunk_size: response tokens per chunk of [chunk, V] logits in the head.
+    """
+
+    def __init__(self, causal_lm: nn.Module, *, head_chunk_size: int = DEFAULT_HEAD_CHUNK_SIZE):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.head_chunk_size = head_chunk_size
+        check_head_supported(causal_lm.get_output_embeddings(), getattr(causal_lm, "config", None))
+
+    @property
+    def attn_implementation(self) -> str:
+        return getattr(self.causal_lm.config, "_attn_implementation", None) or "eager"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def block_mask(self, group_ids: torch.Tensor, segment_ids: torch.Tensor, dtype: torch.dtype):
+        """The prefix-sharing mask in the format the model's attention backend consumes."""
+        impl = self.attn_implementation
+        if impl == "sdpa":
+            return prefix_sharing_mask(group_ids, segment_ids)
+        if impl == "eager":
+            return additive_mask(prefix_sharing_mask(group_ids, segment_ids), dtype)
+        if impl == "flex_attention":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            rows, length = group_ids.shape
+            mask_mod = prefix_sharing_mask_mod(group_ids, segment_ids)
+            return create_block_mask(mask_mod, rows, None, length, length, device=group_ids.device)
+        raise ValueError(f"attention implementation {impl!r} cannot take the prefix-sharing block mask; set "
+                         "model.attention to sdpa, eager or flex, or model.prefix_sharing=false")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        pred_index: torch.Tensor,
+        target_ids: torch.Tensor,
+        slot_index: torch.Tensor,
+        *,
+        num_groups: int,
+        num_responses: int,
+        max_response_len: int,
+        attention_mask: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        with_entropy: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Packed inputs (:class:`raypo.packing.PackedInputs`) -> ``{"logps": [B, N], "entropy": [B, N]}``.
+
+        ``logps`` are sums over each response's tokens; ``entropy`` (only with ``with_entropy``) are sums of
+        per-token entropies in nats. A plain dict of tensors, so DeepSpeed's output hooks see them.
+        """
+        if group_ids is not None:
+            mask = self.block_mask(group_ids, segment_ids, self.causal_lm.dtype)
+        else:
+            mask = attention_mask  # 2D padding mask: transformers builds the causal mask itself
+        decoder = self.causal_lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_index)  # [T, H] response positions
+        lm_head = self.causal_lm.get_output_embeddings()
+        token_logps, token_entropy = lm_head_label_logprobs(lm_head, hidden, target_ids,
+                                                            chunk_size=self.head_chunk_size,
+                                                            with_entropy=with_entropy)
+        shape = (num_groups, num_responses, max_response_len)
+        out = {"logps": _sum_slots(token_logps, slot_index, shape)}
+        if with_entropy:
+            out["entropy"] = _sum_slots(token_entropy, slot_index, shape)
+        return out
+
+
+def _sum_slots(values: torch.Tensor, slot_index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """[T] -> [B, N]: place each token value in its (b, i, t) slot, then sum over t.
+
+    Slots are unique, so the placement is a copy and the sum runs in a fixed order: the result for one
+    response does not depend on any other response's tokens, bit for bit (no atomics, unlike index_add).
+    """
+    flat = values.new_zeros(shape[0] * shape[1] * shape[2]).index_copy(0, slot_index, values)
+    return flat.view(shape).sum(-1)
+
+
+def as_logprob_model(model: nn.Module) -> nn.Module:
+    """Wrap a bare causal LM in :class:`ListwiseLogProbModel`; pass wrappers and DeepSpeed engines through."""
+    if isinstance(model, ListwiseLogProbModel):
+        return model
+    if isinstance(getattr(model, "module", None), ListwiseLogProbModel):  # DeepSpeed engine, DDP
+        return model
+    if hasattr(model, "get_output_embeddings") and hasattr(model, "get_decoder"):
+        return ListwiseLogProbModel(model)
+    raise TypeError(f"expected a causal LM, a ListwiseLogProbModel or an engine wrapping one, got "
+                    f"{type(model).__name__}")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, (torch.device, str)):
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+def _lm_head(model: nn.Module) -> nn.Module:
+    inner = model.module if isinstance(getattr(model, "module", None), ListwiseLogProbModel) else model
+    return inner.causal_lm.get_output_embeddings()
+
+
+def pack(batch: ListwiseBatch, *, prefix_sharing: bool, pad_token_id: int = 0,
+         pad_to_multiple_of: int = 1) -> PackedInputs:
+    """The shared or unshared layout of ``batch`` (:mod:`raypo.packing`)."""
+    packer = pack_shared if prefix_sharing else pack_unshared
+    return packer(batch, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def grouped_logprobs(
+    model: nn.Module,
+    batch: ListwiseBatch,
+    *,
+    prefix_sharing: bool = True,
+    with_entropy: bool = False,
+    pad_to_multiple_of: int = 1,
+) -> LogProbOutput:
+    """Per-response sequence log-probs [B, N] of ``batch`` under ``model``.
+
+    ``model`` is a causal LM (wrapped on the fly), a :class:`ListwiseLogProbModel`, or a DeepSpeed engine
+    around one (then the forward goes through ``engine.forward``, as ZeRO-3 requires). Gradients flow when
+    called with grad enabled; wrap in ``torch.no_grad()`` for reference / scoring passes.
+
+    ``prefix_sharing`` picks the layout; both give the same values (up to float rounding; bitwise identical
+    per response within one layout). ``with_entropy`` adds MallowsPO's normalised entropy H̄ (reference).
+    """
+    model = as_logprob_model(model)
+    packed = pack(batch, prefix_sharing=prefix_sharing, pad_to_multiple_of=pad_to_multiple_of)
+    device = _input_device(model)
+    out = model(**packed.to(device).model_kwargs(), with_entropy=with_entropy)
+    mask = batch.response_mask().to(device)
+    num_tokens = batch.num_scored_tokens().to(device)
+    entropy = None
+    if with_entropy:
+        entropy = normalised_entropy(out["entropy"], num_tokens, output_vocab_size(_lm_head(model)))
+    return LogProbOutput(logps=out["logps"], num_tokens=num_tokens, mask=mask, entropy=entropy)

@@ -1,0 +1,216 @@
+"""Log-probabilities of label tokens without a [tokens, vocab] fp32 logits tensor.
+
+A listwise loss needs one scalar per response, s_i = sum_t log p(y_t | x, y_<t). The usual path builds
+``logits = lm_head(h)`` for every position ([T, V], 0.5 MB per token in fp32 for a 128k vocabulary),
+upcasts it and takes ``log_softmax``. Here the head runs only on the T response positions, in chunks of
+``chunk_size`` rows:
+
+    z_c   = (h_c @ W^T).float()                  [c, V]  GEMM in the model dtype, one chunk upcast
+    lse_c = logsumexp(z_c)                        [c]
+    logp  = z_c[y] - lse_c                        [c]     log p(label)
+    H     = lse_c - sum_v softmax(z_c)_v z_c,v    [c]     entropy in nats (optional, never differentiated)
+
+Backward recomputes each chunk's logits instead of storing them (d logp / dz = onehot(y) - softmax(z)):
+
+    dz_c = g_c * (onehot(y_c) - softmax(z_c))     [c, V]  fp32, then cast to the model dtype
+    dh_c = dz_c @ W                               [c, H]
+    dW  += dz_c^T @ h_c                           [V, H]  accumulated in fp32
+
+Peak extra memory is about ``chunk_size * V * 10`` bytes plus one fp32 [V, H] gradient buffer, never
+[T, V] fp32. Values equal the naive ``log_softmax(h @ W^T).gather(y)`` path (gradcheck in float64 in
+tests/model/test_logprobs.py).
+
+ZeRO-3: ``lm_head.weight`` is a 0-element shard outside its module's forward. :func:`lm_head_label_logprobs`
+therefore runs the chunked head *as the forward of the lm_head module* (it swaps ``forward`` for the call),
+so DeepSpeed's module hooks gather the weight before the forward, release it after, gather it again before
+the backward (pre-backward hook on the module's outputs) and reduce-scatter its gradient as for any
+``nn.Linear``. It must itself be called inside the engine's forward (``raypo.listwise_model`` does that),
+so the engine's per-forward bookkeeping (micro-step counter, trace, output hooks) covers the head too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+DEFAULT_HEAD_CHUNK_SIZE = 1024
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for low-precision models, float64 stays float64 (for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden @ weight.t()  # GEMM in the model dtype (bf16 tensor cores, fp32 accumulate)
+    if bias is not None:
+        logits = logits + bias
+    return logits.to(_accum_dtype(hidden.dtype))
+
+
+class ChunkedLabelLogProb(torch.autograd.Function):
+    """``(hidden [T, H], weight [V, H], bias [V] | None, labels [T]) -> (logp [T], entropy [T] | empty)``.
+
+    Both outputs are in the accumulation dtype (fp32, or float64 for float64 inputs). ``entropy`` is
+    marked non-differentiable: it is only used from the reference model (MallowsPO's dispersion).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_entropy: bool):
+        acc = _accum_dtype(hidden.dtype)
+        num_tokens = hidden.shape[0]
+        logp = hidden.new_empty(num_tokens, dtype=acc)
+        lse = hidden.new_empty(num_tokens, dtype=acc)
+        entropy = hidden.new_empty(num_tokens if with_entropy else 0, dtype=acc)
+        for start in range(0, num_tokens, chunk_size):
+            stop = min(start + chunk_size, num_tokens)
+            z = _chunk_logits(hidden[start:stop], weight, bias)
+            lse_c = torch.logsumexp(z, dim=-1)
+            lse[start:stop] = lse_c
+            logp[start:stop] = z.gather(1, labels[start:stop, None]).squeeze(1) - lse_c
+            if with_entropy:
+                probs = torch.exp(z - lse_c[:, None])
+                entropy[start:stop] = lse_c - (probs * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_logp = grad_logp.to(acc)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden.shape[0])
+            h_c, g_c = hidden[start:stop], grad_logp[start:stop]
+            # in place on the fresh fp32 logits chunk: one [c, V] fp32 buffer in the backward
+            dz = _chunk_logits(h_c, weight, bias).sub_(lse[start:stop, None]).exp_().mul_(-g_c[:, None])
+            dz.scatter_add_(1, labels[start:stop, None], g_c[:, None])  # + g * onehot(y)
+            if need_b:
+                grad_b += dz.sum(0)
+            dz = dz.to(weight.dtype)
+            if need_h:
+                grad_h[start:stop] = dz @ weight
+            if need_w:
+                grad_w += (dz.t() @ h_c).to(acc)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def chunked_label_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_HEAD_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(labels[t] | hidden[t]) under the linear head ``weight`` (and ``bias``), chunked over tokens.
+
+    Args:
+        hidden: [T, H] final hidden states at the positions that *predict* each label.
+        weight: [V, H] output-embedding matrix (``lm_head.weight``), in the model dtype.
+        labels: [T] int64 target token ids.
+        chunk_size: rows of [chunk, V] logits materialised at once (forward and backward).
+        with_entropy: also return the per-token entropy H_t = -sum_v p_v log p_v in nats (no gradient).
+
+    Returns:
+        ``(logp [T], entropy [T] or None)`` in fp32 (float64 for float64 inputs).
+    """
+    if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected hidden [T, H] and labels [T], got {tuple(hidden.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    logp, entropy = ChunkedLabelLogProb.apply(hidden, weight, bias, labels, int(chunk_size),
+                                              bool(with_entropy))
+    return logp, (entropy if with_entropy else None)
+
+
+def reference_label_logprobs(hidden, weight, labels, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive path (full [T, V] logits, fp32 ``log_softmax``): the test oracle, not for training."""
+    logits = _chunk_logits(hidden, weight, bias)
+    logsm = torch.log_softmax(logits, dim=-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logsm.gather(1, labels[:, None]).squeeze(1), entropy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the head as the lm_head module's forward (ZeRO-3)
+# ----------------------------------------------------------------------------------------------------
+
+
+def output_vocab_size(lm_head: nn.Module) -> int:
+    """|V| = rows of the output embedding (``logits.shape[-1]``); ZeRO-3 shards keep it in ``ds_shape``."""
+    weight = lm_head.weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def check_head_supported(lm_head: nn.Module, config=None) -> None:
+    """Raise unless logits are plain ``h @ W^T (+ b)`` (no soft-capping, logit scaling, LoRA on the head)."""
+    if not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+        raise NotImplementedError(
+            f"the output head {type(lm_head).__name__} has no plain .weight (e.g. LoRA or modules_to_save on "
+            "lm_head); raypo's chunked log-prob head needs a linear lm_head: leave lm_head out of "
+            "model.lora.target_modules")
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        value = getattr(config, attr, None) if config is not None else None
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"model config sets {attr}={value}; raypo's chunked log-prob head computes plain h @ W^T "
+                "logits and would be wrong for this model")
+
+
+def _head_forward(module: nn.Module, hidden, labels, *, chunk_size: int, with_entropy: bool):
+    return chunked_label_logprobs(hidden, module.weight, labels, bias=getattr(module, "bias", None),
+                                  chunk_size=chunk_size, with_entropy=with_entropy)
+
+
+def call_as_forward(module: nn.Module, fn, *args, **kwargs):
+    """Call ``fn(module, *args, **kwargs)`` through ``module.__call__`` so its hooks run around it.
+
+    Hooks (ZeRO-3 gather/release and pre-backward gather, PEFT, accelerate) are attached to the module's
+    ``__call__``; temporarily binding ``fn`` as the instance's ``forward`` lets a computation that reads the
+    module's parameters run with them materialised. Not thread-safe for one module (nothing here is).
+    """
+    had_instance_forward = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = lambda *a, **k: fn(module, *a, **k)
+    try:
+        return module(*args, **kwargs)
+    finally:
+        if had_instance_forward:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+def lm_head_label_logprobs(
+    lm_head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_HEAD_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`chunked_label_logprobs` with ``lm_head``'s weight, run as ``lm_head``'s forward (ZeRO-3 safe).
+
+    Returns ``(logp [T], entropy [T] in nats or None)``.
+    """
+    return call_as_forward(lm_head, _head_forward, hidden, labels, chunk_size=chunk_size,
+                           with_entropy=with_entropy)
+
+
+def normalised_entropy(entropy_sum: torch.Tensor, num_tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """MallowsPO's H̄(y) = sum_t H_t / (num_tokens * ln|V|) in [0, 1]; 0 where a response has no tokens."""
+    denom = num_tokens.to(entropy_sum.dtype) * math.log(vocab_size)
+    return torch.where(num_tokens > 0, entropy_sum / denom.clamp_min(1e-30), torch.zeros_like(entropy_sum))
