@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,6 +103,7 @@ class LossConfig:
     name: str = "lambda_dpo"
     beta: Optional[float] = None
     params: dict[str, Any] = field(default_factory=dict)
+    dispersion_c: float = 0.29  # MallowsPO: phi(x) = -c log Hbar(x); calibrate so the dataset mean is 1
 
 
 @dataclass
@@ -118,7 +119,8 @@ class LearnedLambdaConfig:
 class LambdaConfig:
     """Lambda schedule for multi-dimension losses (lambda_dpo); see :mod:`raypo.lambdas`."""
 
-    schedule: str = "uniform"  # fixed|uniform|dirichlet|normalized_uniform|gaussian|onehot|cycle|table|learned
+    # fixed | uniform | dirichlet | normalized_uniform | gaussian | onehot | cycle | table | learned
+    schedule: str = "uniform"
     weights: Optional[list[float]] = None  # fixed
     alpha: Optional[list[float]] = None  # dirichlet concentration (one per dimension)
     gaussian_negatives: str = "clip"  # clip | abs | softmax
@@ -358,7 +360,8 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    problems = [f"override '{o}' is not key=value; write e.g. loss.beta=0.1" for o in overrides if "=" not in o]
+    problems = [f"override '{o}' is not key=value; write e.g. loss.beta=0.1"
+                for o in overrides if "=" not in o]
     if problems:
         raise ConfigError(problems, source="command line")
     try:
@@ -497,6 +500,7 @@ def validate(cfg: RaypoConfig) -> list[str]:
 
     _choice(p, "loss.name", lo.name, LOSS_NAMES)
     _positive(p, "loss.beta", lo.beta, "beta scales the implicit reward; typical values are 0.01-0.5")
+    _positive(p, "loss.dispersion_c", lo.dispersion_c)
     if lo.name == "wmpo" and not float(lo.params.get("alpha", 0.0)) > 0:
         p.append(f"loss.params.alpha={lo.params.get('alpha', 0.0)} must be > 0 for wmpo (alpha = 0 is plain "
                  "mpo); set loss.params.alpha, e.g. 0.1, or use loss.name=mpo")

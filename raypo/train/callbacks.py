@@ -13,14 +13,18 @@ from typing import Any, Optional
 
 from ray.train import UserCallback
 
+PROGRESS_FIELDS = (
+    ("train/loss", "loss", ".4f"), ("train/pairwise_accuracy", "acc", ".3f"),
+    ("train/reward_margin", "margin", ".3f"), ("train/lr", "lr", ".2e"), ("train/grad_norm", "gnorm", ".3f"),
+    ("eval/loss", "eval_loss", ".4f"), ("eval/pairwise_accuracy", "eval_acc", ".3f"),
+    ("perf/tokens_per_s", "tok/s", ".0f"),
+)
+
 
 def format_progress(metrics: dict[str, Any], max_steps: int) -> str:
     step = int(metrics.get("step", 0))
     parts = [f"step {step:>5}/{max_steps}"]
-    for key, label, fmt in (("train/loss", "loss", ".4f"), ("train/pairwise_accuracy", "acc", ".3f"),
-                            ("train/reward_margin", "margin", ".3f"), ("train/lr", "lr", ".2e"),
-                            ("train/grad_norm", "gnorm", ".3f"), ("eval/loss", "eval_loss", ".4f"),
-                            ("eval/pairwise_accuracy", "eval_acc", ".3f"), ("perf/tokens_per_s", "tok/s", ".0f")):
+    for key, label, fmt in PROGRESS_FIELDS:
         value = metrics.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             parts.append(f"{label} {value:{fmt}}")

@@ -21,6 +21,7 @@ from typing import Any, Optional
 STATE_FILE = "raypo_state.json"
 DS_DIR = "ds"
 HF_DIR = "hf"
+WRAPPER_PREFIX = "causal_lm."
 
 
 @dataclass
@@ -100,7 +101,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
         if not os.path.isdir(ds_dir) or not os.path.isdir(hf_dir):
             raise FileNotFoundError(f"{checkpoint} is not a raypo checkpoint (expected {DS_DIR}/ and "
                                     f"{HF_DIR}/ inside); pass a directory like <run>/step_00000040")
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(ds_dir)
+        # The engine wraps the causal LM in ListwiseLogProbModel, whose attribute is ``causal_lm``.
+        state_dict = {k.removeprefix(WRAPPER_PREFIX): v
+                      for k, v in get_fp32_state_dict_from_zero_checkpoint(ds_dir).items()}
         config = AutoConfig.from_pretrained(hf_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

@@ -6,6 +6,7 @@ workers lives there.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,13 @@ def storage_location(cfg: RaypoConfig) -> tuple[str, Any]:
 
 def resolve_model_paths(cfg: RaypoConfig) -> tuple[str, str]:
     """Local (or hub id) paths of the policy and reference models; ``tiny://`` models are built here."""
-    from raypo.modeling import resolve_model_path
+    from raypo.modeling import resolve_model_source, s3_storage_options
 
-    policy = resolve_model_path(cfg.model.path, s3=cfg.data.s3)
-    ref = resolve_model_path(cfg.model.reference_path, s3=cfg.data.s3) if cfg.model.reference_path else policy
+    options = s3_storage_options(cfg.data.s3.endpoint_url, cfg.data.s3.region)
+    policy = resolve_model_source(cfg.model.path, storage_options=options)
+    ref = policy
+    if cfg.model.reference_path:
+        ref = resolve_model_source(cfg.model.reference_path, storage_options=options)
     return policy, ref
 
 
@@ -62,19 +66,20 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raypo.data.pipeline import build_datasets
+    from raypo.data.pipeline import build_datasets, data_config, trainer_datasets
     from raypo.train.callbacks import ProgressCallback
     from raypo.train.loop import train_loop_per_worker
 
     policy_path, ref_path = resolve_model_paths(cfg)
     train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer_path=policy_path)
-    print(report.summary() if hasattr(report, "summary") else report, flush=True)
+    print(report.format(), flush=True)
     if cfg.train.reference == "precomputed":
         from raypo.train.reference import add_reference_logprobs
 
         train_ds = add_reference_logprobs(train_ds, cfg, ref_path)
-        eval_ds = add_reference_logprobs(eval_ds, cfg, ref_path) if eval_ds is not None else None
-
+        eval_ds = add_reference_logprobs(eval_ds, cfg, ref_path)
+    has_eval = eval_ds.count() > 0
+    datasets = trainer_datasets(train_ds, eval_ds, epochs=cfg.train.epochs, seed=cfg.data.shuffle_seed)
     storage_path, storage_fs = storage_location(cfg)
     name = run_name(cfg)
     tb_dir = None
@@ -83,9 +88,6 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
         tb_dir = os.path.join(base, name, "tensorboard")
     all_callbacks = [ProgressCallback(cfg.train.max_steps, tb_dir), *(callbacks or [])]
 
-    datasets = {"train": train_ds}
-    if eval_ds is not None:
-        datasets["eval"] = eval_ds
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
         resources_per_worker=dict(cfg.scaling.resources_per_worker) or None,
@@ -96,22 +98,27 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
         failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
         callbacks=all_callbacks)
     loop_config = {"config": to_dict(cfg), "policy_path": policy_path, "ref_path": ref_path,
-                   "has_eval": eval_ds is not None}
+                   "has_eval": has_eval, "dimensions": list(report.dimensions or [])}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling, run_config=run_config, datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)))
+        dataset_config=data_config(datasets))
 
 
 def init_ray(cfg: RaypoConfig) -> None:
     import ray
 
+    from raypo.train.quiet import QUIET_ENV, quiet
+
+    quiet()
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAYPO_", "HF_"))}
+    if os.environ.get("RAYPO_VERBOSE") != "1":
+        env = {**QUIET_ENV, **env}
     ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-             runtime_env={"env_vars": env} if env else None, configure_logging=False)
+             runtime_env={"env_vars": env}, logging_level=logging.WARNING, configure_logging=True)
 
 
 def run_training(cfg: RaypoConfig) -> TrainResult:

@@ -1,0 +1,491 @@
+"""The per-worker training loop: DeepSpeed ZeRO-3 policy (+ reference), listwise micro-batches, global
+loss normalisation, metrics, evaluation and checkpoints. Runs inside Ray Train workers.
+
+One optimizer step on one rank::
+
+    micro-batches b_1..b_k (k = train.grad_accum_steps, whole prompt groups each)
+    D   = all_reduce_sum( sum_j denominator(b_j) )                 # prompts, pairs or items of the step
+    for b_j: s = logps(policy, b_j); L_j = numerator(s, labels)    # raypo.losses.listwise_loss
+             engine.backward(L_j * world / D)                      # DeepSpeed averages over ranks
+    engine.step()
+
+so the gradient is that of sum(numerators) / sum(denominators) over the whole global batch: k accumulation
+steps equal one batch k times larger, and 2 workers equal 1 worker with twice the batch.
+
+ZeRO-3 runs collectives inside forward and backward, so every rank must make the same calls: a step runs
+only when every rank has k micro-batches (all-reduce MIN), the response-chunk count is agreed across ranks
+(all-reduce MAX of N), and evaluation pads the ranks that run out of rows with zero-weight forwards.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from raypo.config import RaypoConfig, config_from_dict
+from raypo.lambdas import build_lambda_schedule
+from raypo.listwise_model import ListwiseLogProbModel, grouped_logprobs
+from raypo.losses import listwise_loss
+from raypo.losses.mallows import neg_log_dispersion
+from raypo.losses.metrics import finalize_metrics, merge_metric_sums, ranking_metrics
+from raypo.losses.registry import LossSpec, get_loss_spec
+from raypo.microbatch import listwise_backward
+from raypo.packing import ListwiseBatch, collate_listwise
+from raypo.train.checkpoint import TrainState, checkpoint_dir_name, load_checkpoint, save_checkpoint
+from raypo.train.ds_config import reference_ds_config, train_ds_config
+from raypo.train.labels import loss_labels, metric_labels
+from raypo.train.optim import build_lr_scheduler, build_optimizer
+
+MetricSums = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=op)
+    return values
+
+
+def all_reduce_metric_sums(sums: MetricSums, device: torch.device) -> MetricSums:
+    """Sum every (sum, count) pair across ranks in one collective.
+
+    Ranks may hold different metric names (a dimension absent from a rank's batch): the names are
+    gathered first so every rank reduces the same vector.
+    """
+    names = sorted(sums)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, names)
+        names = sorted(set().union(*gathered))
+    zero = torch.zeros((), dtype=torch.float64)
+    flat = torch.stack([torch.stack([sums.get(n, (zero, zero))[0].double().cpu(),
+                                     sums.get(n, (zero, zero))[1].double().cpu()]) for n in names]) \
+        if names else torch.zeros(0, 2, dtype=torch.float64)
+    flat = _all_reduce(flat.to(device)).cpu()
+    return {n: (flat[i, 0], flat[i, 1]) for i, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engines
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Engines:
+    policy: Any  # DeepSpeed engine around a ListwiseLogProbModel
+    reference: Optional[Any]  # DeepSpeed inference engine, or None (precomputed or reference-free)
+    hf_config: Any
+    tokenizer: Any
+
+
+def worker_dtype(cfg: RaypoConfig) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if cfg.scaling.use_gpu else "float32"
+
+
+def build_engines(cfg: RaypoConfig, policy_path: str, ref_path: str, *, world_size: int,
+                  needs_online_reference: bool, total_steps: int) -> Engines:
+    import deepspeed
+    from transformers import AutoConfig
+
+    from raypo.modeling import load_policy, load_reference, load_tokenizer
+
+    hf_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    dtype = worker_dtype(cfg)
+    hidden = int(getattr(hf_config, "hidden_size", 1024))
+    ds_train = train_ds_config(cfg, hidden_size=hidden, world_size=world_size, dtype=dtype)
+    common = dict(dtype=dtype, attention=cfg.model.attention, prefix_sharing=cfg.model.prefix_sharing,
+                  trust_remote_code=cfg.model.trust_remote_code)
+    policy = load_policy(policy_path, ds_config=ds_train,
+                         gradient_checkpointing=cfg.model.gradient_checkpointing,
+                         lora=cfg.model.lora if cfg.model.lora.enabled else None, **common)
+    module = ListwiseLogProbModel(policy)
+    optimizer = build_optimizer(module.parameters(), cfg.optimizer)
+    scheduler = build_lr_scheduler(optimizer, cfg.optimizer, total_steps)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_train)
+
+    reference = None
+    if needs_online_reference:
+        ds_ref = reference_ds_config(cfg, hidden_size=hidden, world_size=world_size, dtype=dtype)
+        ref_model = ListwiseLogProbModel(load_reference(ref_path, ds_config=ds_ref, **common))
+        reference, *_ = deepspeed.initialize(model=ref_model, config=ds_ref)
+        reference.eval()
+    return Engines(policy=engine, reference=reference, hf_config=hf_config,
+                   tokenizer=load_tokenizer(policy_path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------
+
+
+def iter_micro_batches(shard, batch_size: int, skip: int = 0) -> Iterator[ListwiseBatch]:
+    """Collated micro-batches of whole prompt groups from a Ray Data shard, skipping the first ``skip``
+    (resume: Ray Data has no resumable iterator, so consumed batches are read and dropped)."""
+    for i, rows in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                                prefetch_batches=1)):
+        if i < skip:
+            continue
+        yield collate_listwise(rows)
+
+
+def _has_batches(count: int, device: torch.device) -> int:
+    """The number of batches every rank can supply (all-reduce MIN)."""
+    return int(_all_reduce(torch.tensor([count], device=device), op=dist.ReduceOp.MIN).item())
+
+
+def _agreed_max(value: int, device: torch.device) -> int:
+    return int(_all_reduce(torch.tensor([value], device=device), op=dist.ReduceOp.MAX).item())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss and metrics of one micro-batch
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossSetup:
+    spec: LossSpec
+    hparams: dict[str, Any]
+    reduction: str  # "sum" or "mean" log-probs
+    uses_reference: bool
+    dispersion_c: float
+    dim_names: Optional[list[str]]
+
+
+def loss_setup(cfg: RaypoConfig, dim_names: Optional[list[str]]) -> LossSetup:
+    spec = get_loss_spec(cfg.loss.name)
+    hparams = dict(cfg.loss.params)
+    if cfg.loss.beta is not None:
+        hparams["beta"] = cfg.loss.beta
+    return LossSetup(spec=spec, hparams=hparams, reduction=spec.logp_reduction_for(hparams),
+                     uses_reference=spec.uses_reference(hparams), dispersion_c=cfg.loss.dispersion_c,
+                     dim_names=dim_names)
+
+
+def sequence_logps(logps: torch.Tensor, num_tokens: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Summed log-probs, or divided by the response's token count (length-normalised)."""
+    if reduction == "mean":
+        return logps / num_tokens.clamp(min=1).to(logps.dtype)
+    return logps
+
+
+@dataclass
+class ReferenceOutputs:
+    logps: torch.Tensor  # [B, N] reduced as the loss wants
+    dispersion: Optional[torch.Tensor]  # [B] for MallowsPO
+
+
+def reference_outputs(setup: LossSetup, engines: Engines, batch: ListwiseBatch, prefix_sharing: bool,
+                      device: torch.device) -> ReferenceOutputs:
+    """Reference log-probs from the data (precomputed) or from the reference engine (online); the same
+    function (:func:`raypo.listwise_model.grouped_logprobs`) computes both."""
+    num_tokens = batch.num_scored_tokens().to(device)
+    needs_entropy = setup.spec.needs_dispersion
+    if "ref_logps" in batch.extras and (not needs_entropy or "ref_entropy" in batch.extras):
+        raw = torch.nan_to_num(batch.extras["ref_logps"].to(device=device, dtype=torch.float32))
+        entropy = batch.extras.get("ref_entropy")
+    elif engines.reference is not None:
+        with torch.no_grad():
+            out = grouped_logprobs(engines.reference, batch, prefix_sharing=prefix_sharing,
+                                   with_entropy=needs_entropy)
+        raw, entropy = out.logps.float(), out.entropy
+    else:  # reference-free loss
+        return ReferenceOutputs(torch.zeros(batch.num_groups, batch.num_responses, device=device), None)
+    dispersion = None
+    if needs_entropy:
+        mask = batch.response_mask().to(device)
+        dispersion = neg_log_dispersion(entropy.to(device).double().clamp(min=1e-12), mask,
+                                        c=setup.dispersion_c).float()
+    return ReferenceOutputs(sequence_logps(raw, num_tokens, setup.reduction), dispersion)
+
+
+def micro_batch_loss(setup: LossSetup, batch: ListwiseBatch, policy_logps_raw: torch.Tensor,
+                     ref: ReferenceOutputs, lam: Optional[torch.Tensor], device: torch.device):
+    """listwise_loss on one micro-batch; ``policy_logps_raw`` are summed log-probs [B, N]."""
+    mask = batch.response_mask().to(device)
+    num_tokens = batch.num_scored_tokens().to(device)
+    extras = {k: v.to(device) for k, v in batch.extras.items()}
+    policy = sequence_logps(policy_logps_raw.float(), num_tokens, setup.reduction)
+    return listwise_loss(setup.spec.name, policy, ref.logps if setup.uses_reference else None, mask=mask,
+                         scores=loss_labels(setup.spec, extras), lam=lam, dispersion=ref.dispersion,
+                         **setup.hparams)
+
+
+def denominator_of(setup: LossSetup, batch: ListwiseBatch, lam: Optional[torch.Tensor],
+                   device: torch.device) -> float:
+    """The loss's denominator (count of prompts, pairs or items) for a batch; it depends only on labels and
+    masks, so it is computed before any forward to normalise the whole step at once."""
+    zeros = torch.zeros(batch.num_groups, batch.num_responses, device=device)
+    disp = torch.ones(batch.num_groups, device=device) if setup.spec.needs_dispersion else None
+    ref = ReferenceOutputs(zeros, disp)
+    with torch.no_grad():
+        return float(micro_batch_loss(setup, batch, zeros, ref, lam, device).denominator)
+
+
+def batch_metric_sums(setup: LossSetup, batch: ListwiseBatch, out, policy_logps_raw: torch.Tensor,
+                      ref: ReferenceOutputs, prefix: str, device: torch.device) -> MetricSums:
+    """Loss, ranking metrics of the implicit rewards, KL estimate and token counts as (sum, count)."""
+    mask = batch.response_mask().to(device)
+    num_tokens = batch.num_scored_tokens().to(device)
+    rewards = out.rewards.detach() if getattr(out, "rewards", None) is not None else None
+    one = torch.ones((), dtype=torch.float64)
+    sums: MetricSums = {f"{prefix}loss_numerator": (out.numerator.detach().double().cpu(), one),
+                        f"{prefix}loss_denominator": (torch.as_tensor(out.denominator).double().cpu(), one)}
+    labels = metric_labels({k: v.to(device) for k, v in batch.extras.items()})
+    if rewards is not None and labels is not None:
+        sums.update(ranking_metrics(rewards, labels, mask, prefix=prefix))
+        per_dim = batch.extras.get("scores")
+        if per_dim is not None and per_dim.dim() == 3 and per_dim.shape[-1] > 1:
+            sums.update(ranking_metrics(rewards, per_dim.to(device), mask, ndcg_ks=(None,), prefix=prefix,
+                                        dim_names=setup.dim_names if setup.dim_names and
+                                        len(setup.dim_names) == per_dim.shape[-1] else None))
+    # KL estimate on the data's responses, per token: mean over tokens of log pi - log pi_ref (k1).
+    if setup.uses_reference:
+        ref_sum = ref.logps * num_tokens if setup.reduction == "mean" else ref.logps
+        diff = torch.where(mask, policy_logps_raw.detach().float() - ref_sum, torch.zeros_like(ref_sum))
+        sums[f"{prefix}kl_per_token"] = (diff.sum().double().cpu(), num_tokens[mask].sum().double().cpu())
+        sums[f"{prefix}reward_abs_mean"] = (rewards.abs()[mask].sum().double().cpu() if rewards is not None
+                                            else torch.zeros((), dtype=torch.float64),
+                                            mask.sum().double().cpu())
+    return sums
+
+
+def finalize(sums: MetricSums, prefix: str) -> dict[str, float]:
+    """Per-metric means, and the loss as sum(numerators) / sum(denominators)."""
+    num = sums.pop(f"{prefix}loss_numerator", None)
+    den = sums.pop(f"{prefix}loss_denominator", None)
+    out = finalize_metrics(sums)
+    if num is not None and den is not None:
+        out[f"{prefix}loss"] = float(num[0] / den[0]) if float(den[0]) > 0 else 0.0
+    return {k: v for k, v in out.items() if isinstance(v, float) and math.isfinite(v)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train step and evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_step(cfg: RaypoConfig, setup: LossSetup, engines: Engines, micro: list[ListwiseBatch], schedule,
+               device: torch.device, world_size: int) -> MetricSums:
+    """One optimizer step over ``micro`` (this rank's k micro-batches); returns local metric sums."""
+    engine = engines.policy
+    lams = [schedule.sample(b.num_groups, device=device) if setup.spec.needs_lambda else None for b in micro]
+    local_den = sum(denominator_of(setup, b, lam, device) for b, lam in zip(micro, lams))
+    global_den = float(_all_reduce(torch.tensor([local_den], dtype=torch.float64, device=device)).item())
+    scale = world_size / global_den if global_den > 0 else 0.0
+    chunk = cfg.train.response_chunk_size
+    sums: MetricSums = {}
+    for batch, lam in zip(micro, lams):
+        ref = reference_outputs(setup, engines, batch, cfg.model.prefix_sharing, device)
+        num_chunks = None
+        if chunk:
+            num_chunks = max(1, math.ceil(_agreed_max(batch.num_responses, device) / chunk))
+        holder: dict[str, Any] = {}
+
+        def loss_fn(policy_logps: torch.Tensor, batch=batch, ref=ref, lam=lam, holder=holder):
+            out = micro_batch_loss(setup, batch, policy_logps, ref, lam, device)
+            holder["out"] = out
+            return out.numerator, out.denominator, out.metrics
+
+        result = listwise_backward(engine, batch, loss_fn, chunk_size=chunk or None, num_chunks=num_chunks,
+                                   prefix_sharing=cfg.model.prefix_sharing, loss_scale=scale,
+                                   backward_fn=lambda obj: engine.backward(obj, scale_wrt_gas=False))
+        engine.step()
+        sums = merge_metric_sums(sums, batch_metric_sums(setup, batch, holder["out"], result.logps, ref,
+                                                         "train/", device))
+        one = torch.ones((), dtype=torch.float64)
+        layout = "shared_tokens" if cfg.model.prefix_sharing else "unshared_tokens"
+        tokens = float(batch.token_stats()[layout])
+        sums = merge_metric_sums(sums, {
+            "perf/tokens": (torch.tensor(tokens, dtype=torch.float64), one),
+            "perf/prompts": (torch.tensor(float(batch.num_groups), dtype=torch.float64), one)})
+    return sums
+
+
+def evaluate(cfg: RaypoConfig, setup: LossSetup, engines: Engines, eval_shard, rank: int, world_size: int,
+             device: torch.device, schedule) -> dict[str, float]:
+    """Loss and ranking metrics on this rank's share of the eval split, reduced across ranks.
+
+    Ranks may hold different numbers of eval batches; a rank that has run out repeats its last batch with
+    zero weight so that every rank makes the same forward calls (ZeRO-3 collectives).
+    """
+    from raypo.data.pipeline import eval_rows_for_rank
+
+    engine = engines.policy
+    engine.eval()
+    batches = []
+    for rows in eval_shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
+        keep = eval_rows_for_rank([str(p) for p in rows["prompt_id"]], rank, world_size)
+        rows = {k: v[keep] for k, v in rows.items()}
+        if len(rows["prompt_id"]):
+            batches.append(collate_listwise(rows))
+        if cfg.train.eval_batches and len(batches) >= cfg.train.eval_batches:
+            break
+    total = _agreed_max(len(batches), device)
+    sums: MetricSums = {}
+    with torch.no_grad():
+        for i in range(total):
+            real = i < len(batches)
+            batch = batches[i] if real else (batches[-1] if batches else None)
+            if batch is None:
+                raise RuntimeError(f"rank {rank} has no eval rows at all; lower train.eval_batches or use a "
+                                   "larger eval split (data.eval_fraction) so every worker gets some")
+            ref = reference_outputs(setup, engines, batch, cfg.model.prefix_sharing, device)
+            out_lp = grouped_logprobs(engine, batch, prefix_sharing=cfg.model.prefix_sharing)
+            # Evaluation weighs every dimension equally (the uniform mixture), not a sampled lambda.
+            lam = None
+            if setup.spec.needs_lambda:
+                m = batch.extras["scores"].shape[-1]
+                lam = torch.full((m,), 1.0 / m, device=device)
+            if real:
+                out = micro_batch_loss(setup, batch, out_lp.logps, ref, lam, device)
+                sums = merge_metric_sums(
+                    sums, batch_metric_sums(setup, batch, out, out_lp.logps, ref, "eval/", device))
+    engine.train()
+    return finalize(all_reduce_metric_sums(sums, device), "eval/")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def _restore(engine, schedule) -> TrainState:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return TrainState()
+    with ckpt.as_directory() as local:
+        state = load_checkpoint(engine, local)
+    if state.lambda_state and schedule is not None:
+        schedule.load_state_dict(state.lambda_state)
+    return state
+
+
+def _report(metrics: dict[str, float], state: TrainState, engines: Engines, schedule, *, rank: int,
+            checkpoint: bool) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    metrics = {**metrics, "step": state.global_step, "epoch": state.epoch}
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    state.lambda_state = schedule.state_dict() if schedule is not None else {}
+    local = save_checkpoint(engines.policy, state, rank=rank, hf_config=engines.hf_config,
+                            tokenizer=engines.tokenizer)
+    try:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local),
+                         checkpoint_dir_name=checkpoint_dir_name(state.global_step))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function (see the module docstring)."""
+    import deepspeed
+    import ray.train
+
+    from raypo.data.pipeline import EVAL_KEY, train_key
+
+    from raypo.train.quiet import quiet
+
+    quiet()
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if cfg.scaling.use_gpu:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    torch.manual_seed(cfg.train.seed)
+
+    dims = list(loop_config.get("dimensions") or cfg.data.dimensions) or None
+    setup = loss_setup(cfg, dims)
+    needs_online_ref = setup.uses_reference and cfg.train.reference == "online" or (
+        setup.spec.needs_dispersion and cfg.train.reference == "online")
+    engines = build_engines(cfg, loop_config["policy_path"], loop_config["ref_path"], world_size=world_size,
+                            needs_online_reference=needs_online_ref, total_steps=cfg.train.max_steps)
+    schedule = None
+    if setup.spec.needs_lambda:
+        from dataclasses import replace
+
+        schedule = build_lambda_schedule(replace(cfg.lambdas, seed=cfg.lambdas.seed + 1000 * rank),
+                                         num_dims=len(dims) if dims else None)
+    state = _restore(engines.policy, schedule)
+    eval_shard = ray.train.get_dataset_shard(EVAL_KEY) if loop_config.get("has_eval") else None
+    t = cfg.train
+    log_every, ckpt_every = cfg.logging.log_every, cfg.checkpoint.every_steps
+    window: MetricSums = {}
+    window_start = time.time()
+
+    if eval_shard is not None and state.global_step == 0:
+        # The baseline: at step 0 the policy equals the reference, so every implicit reward is 0.
+        _report(evaluate(cfg, setup, engines, eval_shard, rank, world_size, device, schedule), state, engines,
+                schedule, rank=rank, checkpoint=False)
+    while state.global_step < t.max_steps and state.epoch < t.epochs:
+        shard = ray.train.get_dataset_shard(train_key(state.epoch))
+        batches = iter_micro_batches(shard, t.micro_batch_size, skip=state.batches_in_epoch)
+        while state.global_step < t.max_steps:
+            micro = [b for _, b in zip(range(t.grad_accum_steps), batches)]
+            if _has_batches(len(micro), device) < t.grad_accum_steps:
+                break  # some rank ran out of data: end the epoch everywhere at the same step
+            if state.global_step == 0 and not window:
+                window_start = time.time()
+            sums = train_step(cfg, setup, engines, micro, schedule, device, world_size)
+            window = merge_metric_sums(window, sums)
+            state.global_step += 1
+            state.batches_in_epoch += t.grad_accum_steps
+            state.tokens_seen += int(sum(b.token_stats()["shared_tokens"] for b in micro))
+
+            last = state.global_step >= t.max_steps
+            do_eval = eval_shard is not None and ((t.eval_every and state.global_step % t.eval_every == 0)
+                                                 or last)
+            do_ckpt = (ckpt_every and state.global_step % ckpt_every == 0) or last
+            if state.global_step % log_every == 0 or do_eval or do_ckpt or state.global_step == 1:
+                metrics = _window_metrics(window, window_start, engines.policy, device)
+                window, window_start = {}, time.time()
+                if do_eval:
+                    metrics.update(evaluate(cfg, setup, engines, eval_shard, rank, world_size, device,
+                                            schedule))
+                _report(metrics, state, engines, schedule, rank=rank, checkpoint=bool(do_ckpt))
+        else:
+            break
+        if state.global_step < t.max_steps:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    if state.global_step < t.max_steps and rank == 0:
+        print(f"raypo: the data ran out after {state.global_step} of {t.max_steps} steps "
+              f"({t.epochs} epoch(s)); raise train.epochs or lower train.max_steps", flush=True)
+
+
+def _window_metrics(window: MetricSums, start: float, engine, device: torch.device) -> dict[str, float]:
+    reduced = all_reduce_metric_sums(dict(window), device)
+    elapsed = max(time.time() - start, 1e-9)
+    tokens = float(reduced.pop("perf/tokens", (torch.zeros(()), torch.zeros(())))[0])
+    prompts = float(reduced.pop("perf/prompts", (torch.zeros(()), torch.zeros(())))[0])
+    metrics = finalize(reduced, "train/")
+    metrics["perf/tokens_per_s"] = tokens / elapsed
+    metrics["perf/samples_per_s"] = prompts / elapsed
+    lr = engine.get_lr()
+    metrics["train/lr"] = float(lr[0] if isinstance(lr, (list, tuple)) else lr)
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    return metrics
