@@ -20,6 +20,7 @@ only when every rank has k micro-batches (all-reduce MIN), the response-chunk co
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -186,8 +187,17 @@ def sequence_logps(logps: torch.Tensor, num_tokens: torch.Tensor, reduction: str
 
 @dataclass
 class ReferenceOutputs:
-    logps: torch.Tensor  # [B, N] reduced as the loss wants
+    logps: torch.Tensor  # [B, N] reduced as the loss wants (sum or mean over tokens)
+    raw_logps: torch.Tensor  # [B, N] summed log-probs
     dispersion: Optional[torch.Tensor]  # [B] for MallowsPO
+
+
+def _precomputed(batch: ListwiseBatch, key: str) -> Optional[torch.Tensor]:
+    """A precomputed per-response column, if every real response of the batch has a value."""
+    values = batch.extras.get(key)
+    if values is None or torch.isnan(values[batch.response_mask()]).any():
+        return None
+    return values
 
 
 def reference_outputs(setup: LossSetup, engines: Engines, batch: ListwiseBatch, prefix_sharing: bool,
@@ -196,22 +206,28 @@ def reference_outputs(setup: LossSetup, engines: Engines, batch: ListwiseBatch, 
     function (:func:`raypo.listwise_model.grouped_logprobs`) computes both."""
     num_tokens = batch.num_scored_tokens().to(device)
     needs_entropy = setup.spec.needs_dispersion
-    if "ref_logps" in batch.extras and (not needs_entropy or "ref_entropy" in batch.extras):
-        raw = torch.nan_to_num(batch.extras["ref_logps"].to(device=device, dtype=torch.float32))
-        entropy = batch.extras.get("ref_entropy")
+    pre_logps, pre_entropy = _precomputed(batch, "ref_logps"), _precomputed(batch, "ref_entropy")
+    if pre_logps is not None and (not needs_entropy or pre_entropy is not None):
+        raw = torch.nan_to_num(pre_logps.to(device=device, dtype=torch.float32))
+        entropy = pre_entropy
     elif engines.reference is not None:
         with torch.no_grad():
             out = grouped_logprobs(engines.reference, batch, prefix_sharing=prefix_sharing,
                                    with_entropy=needs_entropy)
         raw, entropy = out.logps.float(), out.entropy
-    else:  # reference-free loss
-        return ReferenceOutputs(torch.zeros(batch.num_groups, batch.num_responses, device=device), None)
+    elif not setup.uses_reference and not needs_entropy:
+        zeros = torch.zeros(batch.num_groups, batch.num_responses, device=device)
+        return ReferenceOutputs(zeros, zeros, None)
+    else:
+        raise RuntimeError("train.reference=precomputed but the batch has no ref_logps (or ref_entropy) "
+                           "values; precompute them (raypo does so when train.reference=precomputed) or "
+                           "set train.reference=online")
     dispersion = None
     if needs_entropy:
         mask = batch.response_mask().to(device)
-        dispersion = neg_log_dispersion(entropy.to(device).double().clamp(min=1e-12), mask,
-                                        c=setup.dispersion_c).float()
-    return ReferenceOutputs(sequence_logps(raw, num_tokens, setup.reduction), dispersion)
+        hbar = torch.nan_to_num(entropy.to(device).double(), nan=1.0).clamp(min=1e-12)
+        dispersion = neg_log_dispersion(hbar, mask, c=setup.dispersion_c).float()
+    return ReferenceOutputs(sequence_logps(raw, num_tokens, setup.reduction), raw, dispersion)
 
 
 def micro_batch_loss(setup: LossSetup, batch: ListwiseBatch, policy_logps_raw: torch.Tensor,
@@ -232,7 +248,7 @@ def denominator_of(setup: LossSetup, batch: ListwiseBatch, lam: Optional[torch.T
     masks, so it is computed before any forward to normalise the whole step at once."""
     zeros = torch.zeros(batch.num_groups, batch.num_responses, device=device)
     disp = torch.ones(batch.num_groups, device=device) if setup.spec.needs_dispersion else None
-    ref = ReferenceOutputs(zeros, disp)
+    ref = ReferenceOutputs(zeros, zeros, disp)
     with torch.no_grad():
         return float(micro_batch_loss(setup, batch, zeros, ref, lam, device).denominator)
 
@@ -256,8 +272,8 @@ def batch_metric_sums(setup: LossSetup, batch: ListwiseBatch, out, policy_logps_
                                         len(setup.dim_names) == per_dim.shape[-1] else None))
     # KL estimate on the data's responses, per token: mean over tokens of log pi - log pi_ref (k1).
     if setup.uses_reference:
-        ref_sum = ref.logps * num_tokens if setup.reduction == "mean" else ref.logps
-        diff = torch.where(mask, policy_logps_raw.detach().float() - ref_sum, torch.zeros_like(ref_sum))
+        diff = torch.where(mask, policy_logps_raw.detach().float() - ref.raw_logps,
+                           torch.zeros_like(ref.raw_logps))
         sums[f"{prefix}kl_per_token"] = (diff.sum().double().cpu(), num_tokens[mask].sum().double().cpu())
         sums[f"{prefix}reward_abs_mean"] = (rewards.abs()[mask].sum().double().cpu() if rewards is not None
                                             else torch.zeros((), dtype=torch.float64),
@@ -403,7 +419,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from raypo.data.pipeline import EVAL_KEY, train_key
-
     from raypo.train.quiet import quiet
 
     quiet()
@@ -454,6 +469,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.batches_in_epoch += t.grad_accum_steps
             state.tokens_seen += int(sum(b.token_stats()["shared_tokens"] for b in micro))
 
+            _maybe_inject_failure(state.global_step, rank)
             last = state.global_step >= t.max_steps
             do_eval = eval_shard is not None and ((t.eval_every and state.global_step % t.eval_every == 0)
                                                  or last)
@@ -473,6 +489,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if state.global_step < t.max_steps and rank == 0:
         print(f"raypo: the data ran out after {state.global_step} of {t.max_steps} steps "
               f"({t.epochs} epoch(s)); raise train.epochs or lower train.max_steps", flush=True)
+
+
+def _maybe_inject_failure(step: int, rank: int) -> None:
+    """Fault injection for resilience tests: ``RAYPO_FAIL_AT_STEP=k`` kills the rank
+    ``RAYPO_FAIL_RANK`` (default 1) right after step k, once (``RAYPO_FAIL_MARKER`` records that it did)."""
+    at = os.environ.get("RAYPO_FAIL_AT_STEP")
+    marker = os.environ.get("RAYPO_FAIL_MARKER")
+    if not at or not marker or step != int(at) or rank != int(os.environ.get("RAYPO_FAIL_RANK", "1")):
+        return
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write(f"killed rank {rank} after step {step}\n")
+    os._exit(1)
 
 
 def _window_metrics(window: MetricSums, start: float, engine, device: torch.device) -> dict[str, float]:

@@ -117,7 +117,10 @@ def init_ray(cfg: RaypoConfig) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAYPO_", "HF_"))}
     if os.environ.get("RAYPO_VERBOSE") != "1":
         env = {**QUIET_ENV, **env}
-    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+    # A Ray job's driver finds its cluster in RAY_ADDRESS; otherwise start a private local cluster rather
+    # than attach to whatever `ray start` left running on this machine.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None,
              runtime_env={"env_vars": env}, logging_level=logging.WARNING, configure_logging=True)
 
 

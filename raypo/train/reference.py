@@ -1,0 +1,77 @@
+"""Reference log-probs precomputed once, as a Ray Data batch-inference stage.
+
+The reference model is frozen, so its per-response log-probs (and MallowsPO's normalised entropies) can be
+computed once per dataset instead of on every step: no reference model in the training job and ~25 % fewer
+step FLOPs. The stage runs :func:`raypo.listwise_model.grouped_logprobs`, the function the online reference
+and the policy use, and writes two columns, one value per response:
+
+* ``ref_logps``: summed log-probs sum_t log pi_ref(y_t | x, y_<t) (the loss divides by the token count
+  itself when it wants length-normalised values);
+* ``ref_entropy``: H̄(y) = sum_t H_t / (T ln|V|) (only when the loss needs a dispersion).
+
+Floating-point note: a log-prob depends, in its last bits, on the other sequences in its forward batch
+(BLAS kernels block the sums differently), so precomputed values agree with the online ones to float
+rounding (about 1e-7 relative in fp32), not bit for bit; the online mode gives exactly zero rewards at step 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from raypo.config import RaypoConfig
+
+
+class ReferenceScorer:
+    """Ray Data callable class: loads the reference once per actor, scores batches of tokenised rows."""
+
+    def __init__(self, ref_path: str, dtype: str, attention: str, prefix_sharing: bool, with_entropy: bool):
+        from raypo.listwise_model import ListwiseLogProbModel
+        from raypo.modeling import load_reference
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_reference(ref_path, dtype=dtype, attention=attention, prefix_sharing=prefix_sharing)
+        self.model = ListwiseLogProbModel(model.to(self.device))
+        self.prefix_sharing = prefix_sharing
+        self.with_entropy = with_entropy
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+        from raypo.listwise_model import grouped_logprobs
+        from raypo.packing import collate_listwise
+
+        batch = collate_listwise(rows)
+        with torch.no_grad():
+            out = grouped_logprobs(self.model, batch, prefix_sharing=self.prefix_sharing,
+                                   with_entropy=self.with_entropy)
+        counts = [len(r) for r in rows["response_ids"]]
+        logps = out.logps.double().cpu().numpy()
+        rows = dict(rows)
+        rows["ref_logps"] = _ragged(logps, counts)
+        if self.with_entropy:
+            rows["ref_entropy"] = _ragged(out.entropy.double().cpu().numpy(), counts)
+        return rows
+
+
+def _ragged(values: np.ndarray, counts: list[int]) -> np.ndarray:
+    out = np.empty(len(counts), dtype=object)
+    for b, n in enumerate(counts):
+        out[b] = values[b, :n].tolist()
+    return out
+
+
+def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: int = 8):
+    """``ds`` with ``ref_logps`` (and ``ref_entropy`` for MallowsPO) filled by the reference model."""
+    from raypo.losses.registry import get_loss_spec
+    from raypo.train.loop import worker_dtype
+
+    spec = get_loss_spec(cfg.loss.name)
+    use_gpu = cfg.scaling.use_gpu
+    return ds.map_batches(
+        ReferenceScorer,
+        fn_constructor_args=(ref_path, worker_dtype(cfg), cfg.model.attention, cfg.model.prefix_sharing,
+                             spec.needs_dispersion),
+        batch_size=batch_size, batch_format="numpy", concurrency=1,
+        num_gpus=1 if use_gpu else 0, num_cpus=1,
+    ).materialize()
