@@ -50,6 +50,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="overrides in dotted form, e.g. loss.beta=0.1 scaling.num_workers=4")
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dimensions", default=None,
+                   help="comma-separated score dimension names (listwise: if the file does not record them)")
+    p.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raypo",
@@ -81,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument("--print-ray-cli", action="store_true",
                    help="print the equivalent plain `ray job submit ...` command and exit")
+    p.add_argument("--skip-plan", action="store_true",
+                   help="submit even when `raypo plan` says the job does not fit the cluster in config.plan")
     p.set_defaults(func=_handler("raypo.submit", "submit_command"))
 
     p = sub.add_parser("data", help="convert, validate and synthesise listwise datasets",
@@ -95,11 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("input")
     d.add_argument("output")
     d.add_argument("--quarantine", default=None, help="write rejected rows with their reason here")
+    _add_data_options(d)
+    d.add_argument("--no-merge-pairs", action="store_true",
+                   help="pairwise: keep every pair as its own row; do not merge a prompt's consistent pairs")
+    d.add_argument("--keep-system-prompt", action="store_true",
+                   help="ultrafeedback: keep the completions' custom_system_prompt in the row metadata")
     d.set_defaults(func=_handler("raypo.data.cli", "convert_command"))
     d = data_sub.add_parser("validate", help="validate a listwise dataset and print counts by reason",
                             description="Validate PATH and print accepted / rejected counts by reason.")
     d.add_argument("path")
-    d.add_argument("--max-reject-fraction", type=float, default=None)
+    d.add_argument("--max-reject-fraction", type=float, default=None,
+                   help="exit with status 1 when more rows than this are rejected (default 0.01)")
+    d.add_argument("--format", "-f", default="listwise",
+                   choices=["ultrafeedback", "ranked", "pairwise", "scored", "listwise"])
+    d.add_argument("--quarantine", default=None, help="write rejected rows with their reason here")
+    _add_data_options(d)
+    d.add_argument("--tokenizer", default=None,
+                   help="also tokenise (model dir, tiny://llama or s3://) to check the length limits")
+    d.add_argument("--max-prompt-length", type=int, default=512)
+    d.add_argument("--max-response-length", type=int, default=512)
+    d.add_argument("--overlong", choices=["truncate", "drop"], default="truncate")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.set_defaults(func=_handler("raypo.data.cli", "validate_command"))
     d = data_sub.add_parser("synth", help="write a seeded synthetic multi-dimension listwise dataset",
                             description="Write a synthetic listwise dataset whose preferences a small model "
@@ -107,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("output")
     d.add_argument("--num-prompts", type=int, default=512)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-responses", type=int, default=4)
+    d.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    d.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION)")
     d.set_defaults(func=_handler("raypo.data.cli", "synth_command"))
 
     p = sub.add_parser("export", help="export a training checkpoint to Hugging Face safetensors",

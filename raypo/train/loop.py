@@ -389,6 +389,9 @@ def _restore(engine, schedule) -> TrainState:
         return TrainState()
     with ckpt.as_directory() as local:
         state = load_checkpoint(engine, local)
+    if dist.get_rank() == 0:
+        print(f"raypo: resuming from {ckpt.path} at step {state.global_step} (epoch {state.epoch}, "
+              f"{state.batches_in_epoch} micro-batches into it)", flush=True)
     if state.lambda_state and schedule is not None:
         schedule.load_state_dict(state.lambda_state)
     return state
@@ -418,7 +421,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
-    from raypo.data.pipeline import EVAL_KEY, train_key
+    from raypo.data.pipeline import EVAL_KEY
     from raypo.train.quiet import quiet
 
     quiet()
@@ -454,41 +457,60 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # The baseline: at step 0 the policy equals the reference, so every implicit reward is 0.
         _report(evaluate(cfg, setup, engines, eval_shard, rank, world_size, device, schedule), state, engines,
                 schedule, rank=rank, checkpoint=False)
+    last_checkpoint = state.global_step if state.global_step > 0 else -1
+    for micro in _steps(state, t, device):
+        if state.global_step == 0 and not window:
+            window_start = time.time()
+        sums = train_step(cfg, setup, engines, micro, schedule, device, world_size)
+        window = merge_metric_sums(window, sums)
+        state.global_step += 1
+        state.batches_in_epoch += t.grad_accum_steps
+        state.tokens_seen += int(sum(b.token_stats()["shared_tokens"] for b in micro))
+        _maybe_inject_failure(state.global_step, rank)
+
+        last = state.global_step >= t.max_steps
+        do_eval = eval_shard is not None and (bool(t.eval_every and state.global_step % t.eval_every == 0)
+                                              or last)
+        do_ckpt = bool(ckpt_every and state.global_step % ckpt_every == 0) or last
+        if state.global_step % log_every == 0 or do_eval or do_ckpt or state.global_step == 1:
+            metrics = _window_metrics(window, window_start, engines.policy, device)
+            window, window_start = {}, time.time()
+            if do_eval:
+                metrics.update(evaluate(cfg, setup, engines, eval_shard, rank, world_size, device, schedule))
+            _report(metrics, state, engines, schedule, rank=rank, checkpoint=do_ckpt)
+            if do_ckpt:
+                last_checkpoint = state.global_step
+
+    if state.global_step < t.max_steps:
+        if rank == 0:
+            print(f"raypo: the data ran out after {state.global_step} of {t.max_steps} steps "
+                  f"({t.epochs} epoch(s)); raise train.epochs or lower train.max_steps", flush=True)
+        if state.global_step != last_checkpoint:  # the run still ends with an evaluated checkpoint
+            metrics = _window_metrics(window, window_start, engines.policy, device) if window else {}
+            if eval_shard is not None:
+                metrics.update(evaluate(cfg, setup, engines, eval_shard, rank, world_size, device, schedule))
+            _report(metrics, state, engines, schedule, rank=rank, checkpoint=True)
+
+
+def _steps(state: TrainState, t, device: torch.device) -> Iterator[list[ListwiseBatch]]:
+    """This rank's micro-batches, k per optimizer step, epoch after epoch, resuming at ``state``'s
+    position; stops everywhere at once when any rank runs out (ranks must agree on the step count)."""
+    import ray.train
+
+    from raypo.data.pipeline import train_key
+
     while state.global_step < t.max_steps and state.epoch < t.epochs:
         shard = ray.train.get_dataset_shard(train_key(state.epoch))
         batches = iter_micro_batches(shard, t.micro_batch_size, skip=state.batches_in_epoch)
         while state.global_step < t.max_steps:
             micro = [b for _, b in zip(range(t.grad_accum_steps), batches)]
             if _has_batches(len(micro), device) < t.grad_accum_steps:
-                break  # some rank ran out of data: end the epoch everywhere at the same step
-            if state.global_step == 0 and not window:
-                window_start = time.time()
-            sums = train_step(cfg, setup, engines, micro, schedule, device, world_size)
-            window = merge_metric_sums(window, sums)
-            state.global_step += 1
-            state.batches_in_epoch += t.grad_accum_steps
-            state.tokens_seen += int(sum(b.token_stats()["shared_tokens"] for b in micro))
-
-            _maybe_inject_failure(state.global_step, rank)
-            last = state.global_step >= t.max_steps
-            do_eval = eval_shard is not None and ((t.eval_every and state.global_step % t.eval_every == 0)
-                                                 or last)
-            do_ckpt = (ckpt_every and state.global_step % ckpt_every == 0) or last
-            if state.global_step % log_every == 0 or do_eval or do_ckpt or state.global_step == 1:
-                metrics = _window_metrics(window, window_start, engines.policy, device)
-                window, window_start = {}, time.time()
-                if do_eval:
-                    metrics.update(evaluate(cfg, setup, engines, eval_shard, rank, world_size, device,
-                                            schedule))
-                _report(metrics, state, engines, schedule, rank=rank, checkpoint=bool(do_ckpt))
-        else:
-            break
-        if state.global_step < t.max_steps:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    if state.global_step < t.max_steps and rank == 0:
-        print(f"raypo: the data ran out after {state.global_step} of {t.max_steps} steps "
-              f"({t.epochs} epoch(s)); raise train.epochs or lower train.max_steps", flush=True)
+                break
+            yield micro
+        if state.global_step >= t.max_steps:
+            return
+        state.epoch += 1
+        state.batches_in_epoch = 0
 
 
 def _maybe_inject_failure(step: int, rank: int) -> None:

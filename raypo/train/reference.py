@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+import pyarrow as pa
 import torch
 
 from raypo.config import RaypoConfig
@@ -37,28 +37,32 @@ class ReferenceScorer:
         self.prefix_sharing = prefix_sharing
         self.with_entropy = with_entropy
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, table: pa.Table) -> pa.Table:
         from raypo.listwise_model import grouped_logprobs
         from raypo.packing import collate_listwise
 
+        rows = table.to_pylist()
         batch = collate_listwise(rows)
         with torch.no_grad():
             out = grouped_logprobs(self.model, batch, prefix_sharing=self.prefix_sharing,
                                    with_entropy=self.with_entropy)
-        counts = [len(r) for r in rows["response_ids"]]
-        logps = out.logps.double().cpu().numpy()
-        rows = dict(rows)
-        rows["ref_logps"] = _ragged(logps, counts)
+        counts = [len(r["response_ids"]) for r in rows]
+        table = _set_column(table, "ref_logps", _ragged(out.logps, counts))
         if self.with_entropy:
-            rows["ref_entropy"] = _ragged(out.entropy.double().cpu().numpy(), counts)
-        return rows
+            table = _set_column(table, "ref_entropy", _ragged(out.entropy, counts))
+        return table
 
 
-def _ragged(values: np.ndarray, counts: list[int]) -> np.ndarray:
-    out = np.empty(len(counts), dtype=object)
-    for b, n in enumerate(counts):
-        out[b] = values[b, :n].tolist()
-    return out
+def _ragged(values: torch.Tensor, counts: list[int]) -> pa.Array:
+    """[B, N] padded values -> list<double> with each row cut to its own N."""
+    values = values.double().cpu()
+    return pa.array([values[b, :n].tolist() for b, n in enumerate(counts)], type=pa.list_(pa.float64()))
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
 
 
 def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: int = 8):
@@ -72,6 +76,6 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
         ReferenceScorer,
         fn_constructor_args=(ref_path, worker_dtype(cfg), cfg.model.attention, cfg.model.prefix_sharing,
                              spec.needs_dispersion),
-        batch_size=batch_size, batch_format="numpy", concurrency=1,
+        batch_size=batch_size, batch_format="pyarrow", concurrency=1,
         num_gpus=1 if use_gpu else 0, num_cpus=1,
     ).materialize()

@@ -61,6 +61,13 @@ def resolve_model_paths(cfg: RaypoConfig) -> tuple[str, str]:
     return policy, ref
 
 
+def worker_environment() -> dict[str, str]:
+    """Driver environment the workers need: raypo's own switches, S3 endpoint and region (credentials
+    stay in the environment Ray propagates; they are never copied into configs or logs)."""
+    keep = ("RAYPO_", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE")
+    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+
+
 def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
     """A ready-to-fit TorchTrainer for ``cfg`` (used by ``raypo train`` and by each Tune trial)."""
     import ray.train
@@ -96,7 +103,7 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
         name=name, storage_path=storage_path, storage_filesystem=storage_fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-        callbacks=all_callbacks)
+        callbacks=all_callbacks, worker_runtime_env={"env_vars": worker_environment()})
     loop_config = {"config": to_dict(cfg), "policy_path": policy_path, "ref_path": ref_path,
                    "has_eval": has_eval, "dimensions": list(report.dimensions or [])}
     return TorchTrainer(
@@ -120,8 +127,12 @@ def init_ray(cfg: RaypoConfig) -> None:
     # A Ray job's driver finds its cluster in RAY_ADDRESS; otherwise start a private local cluster rather
     # than attach to whatever `ray start` left running on this machine.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    # Inside a Ray job the job's runtime_env already reaches every worker, and Ray refuses a driver
+    # runtime_env that overlaps it.
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None,
-             runtime_env={"env_vars": env}, logging_level=logging.WARNING, configure_logging=True)
+             runtime_env=None if in_job else {"env_vars": env}, logging_level=logging.WARNING,
+             configure_logging=True)
 
 
 def run_training(cfg: RaypoConfig) -> TrainResult:

@@ -1,0 +1,162 @@
+"""End-to-end training on Ray Train with DeepSpeed ZeRO-3 (gloo, 2 CPU workers, a tiny Llama).
+
+Every run trains the same 4 prompts for 4 steps: one global batch per epoch, so each step sees the same
+prompts however the rows are split across workers, and runs with different worker counts, accumulation
+settings or interruptions must end with the same weights as the uninterrupted 2-worker run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from raypo.config import load_config
+from raypo.train.trainer import run_training
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 4
+
+
+def base_overrides(model_dir: Path, storage: str, name: str) -> list[str]:
+    return [
+        f"model.path={model_dir}", "model.dtype=float32",
+        "data.train_path=synthetic://default?num_prompts=4&seed=1", "data.eval_fraction=0.0",
+        "data.max_prompt_length=64", "data.max_response_length=32",
+        "loss.name=lipo_lambda", "loss.params.scale=valid",
+        "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "optimizer.lr_scheduler=constant",
+        "train.micro_batch_size=2", "train.grad_accum_steps=1", f"train.max_steps={STEPS}",
+        f"train.epochs={STEPS}", "scaling.num_workers=2", "logging.tensorboard=false",
+        f"checkpoint.storage_path={storage}", f"checkpoint.run_name={name}", "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2", f"checkpoint.export_path={storage}/{name}/export",
+    ]
+
+
+def exported_weights(export_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(export_dir, "model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def update_size(a: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - init[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tiny_model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tiny_model_dir, tmp_path_factory):
+    """The uninterrupted reference run: 2 workers, 2 prompts each per step."""
+    storage = str(tmp_path_factory.mktemp("runs"))
+    cfg = load_config(None, base_overrides(tiny_model_dir, storage, "baseline"))
+    result = run_training(cfg)
+    return result, exported_weights(result.export_dir)
+
+
+# Runs differ only in the order floating-point sums are taken (ranks, micro-batches), so weights agree to
+# float32 rounding, far below the size of the update itself.
+TOLERANCE = 1e-5
+
+
+def test_two_workers_equal_one_worker_with_the_same_global_batch(baseline, tiny_model_dir, tmp_path,
+                                                                   initial_weights):
+    result, weights = baseline
+    cfg = load_config(None, base_overrides(tiny_model_dir, str(tmp_path), "one_worker")
+                      + ["scaling.num_workers=1", "train.micro_batch_size=4"])
+    one = run_training(cfg)
+    assert update_size(weights, initial_weights) > 100 * TOLERANCE  # training moved the weights
+    assert max_abs_diff(exported_weights(one.export_dir), weights) < TOLERANCE
+    assert one.metrics["train/loss"] == pytest.approx(result.metrics["train/loss"], rel=1e-4)
+
+
+def test_accumulation_equals_a_larger_batch_and_precomputed_reference(baseline, tiny_model_dir, tmp_path):
+    _, weights = baseline
+    cfg = load_config(None, base_overrides(tiny_model_dir, str(tmp_path), "accumulate")
+                      + ["scaling.num_workers=1", "train.grad_accum_steps=2", "train.reference=precomputed"])
+    acc = run_training(cfg)
+    assert max_abs_diff(exported_weights(acc.export_dir), weights) < TOLERANCE
+
+
+def test_worker_killed_mid_run_resumes_to_the_same_weights(baseline, tiny_model_dir, tmp_path, monkeypatch):
+    _, weights = baseline
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RAYPO_FAIL_AT_STEP", "2")
+    monkeypatch.setenv("RAYPO_FAIL_MARKER", str(marker))
+    cfg = load_config(None, base_overrides(tiny_model_dir, str(tmp_path), "worker_kill")
+                      + ["checkpoint.max_failures=1"])
+    result = run_training(cfg)
+    assert marker.read_text().startswith("killed rank 1 after step 2")
+    assert result.metrics["step"] == STEPS
+    assert max_abs_diff(exported_weights(result.export_dir), weights) < TOLERANCE
+
+
+def test_exported_model_loads_and_generates(baseline):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result, _ = baseline
+    model = AutoModelForCausalLM.from_pretrained(result.export_dir)
+    tok = AutoTokenizer.from_pretrained(result.export_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    assert isinstance(tok.decode(out[0, ids.shape[1]:]), str)
+
+
+def _s3_keys(s3, prefix: str) -> list[str]:
+    return s3.s3fs().find(f"{s3.bucket}/{prefix}")
+
+
+def test_driver_stopped_mid_run_resumes_from_s3(baseline, s3, tiny_model_dir, tmp_path):
+    """`raypo train` with checkpoints on the loopback S3 endpoint, killed after its second checkpoint, then
+    run again with the same command: it continues from that checkpoint and ends where the baseline does."""
+    _, weights = baseline
+    storage = f"s3://{s3.bucket}/driver_restart"
+    overrides = base_overrides(tiny_model_dir, storage, "restart")
+    overrides = [o for o in overrides if not o.startswith("checkpoint.export_path")]
+    overrides.append(f"checkpoint.export_path={tmp_path / 'export'}")
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump({}))
+    cmd = [sys.executable, "-m", "raypo.cli", "train", str(cfg_path), *overrides, "ray.num_cpus=2"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            keys = _s3_keys(s3, "driver_restart/restart")
+            if any("step_00000002/raypo_state.json" in k for k in keys):
+                break
+            if proc.poll() is not None:
+                log_text = (tmp_path / "first.log").read_text()
+                pytest.fail(f"the first run ended before it could be stopped:\n{log_text[-3000:]}")
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint appeared on S3 within 10 minutes")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    keys = _s3_keys(s3, "driver_restart/restart")
+    assert not any("step_00000004" in k for k in keys), "the first run finished before it was stopped"
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from" in second.stdout + second.stderr
+    assert max_abs_diff(exported_weights(str(tmp_path / "export")), weights) < TOLERANCE
