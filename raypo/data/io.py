@@ -1,0 +1,143 @@
+"""Files and storage without Ray: listing, streaming raw rows, writing Parquet/JSONL, local or ``s3://``.
+
+S3 goes through s3fs. Endpoint and region come from ``data.s3`` or the environment
+(``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``); credentials
+only from the environment or the AWS credential chain (botocore). raypo never puts credentials in
+options it prints, logs or stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raypo.data.schema import ListwiseRecord, dimensions_of, records_to_table
+
+DATA_EXTENSIONS = (".parquet", ".jsonl", ".json")
+
+
+def s3_options(s3_cfg: Any = None) -> dict[str, Any]:
+    """Keyword arguments for ``s3fs.S3FileSystem``: endpoint and region only."""
+    endpoint = getattr(s3_cfg, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or \
+        os.environ.get("AWS_ENDPOINT_URL")
+    region = getattr(s3_cfg, "region", None) or os.environ.get("AWS_REGION") or \
+        os.environ.get("AWS_DEFAULT_REGION")
+    opts: dict[str, Any] = {}
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    return opts
+
+
+def filesystem_for(path: str, s3_cfg: Any = None):
+    """An fsspec filesystem for ``path``: s3fs for ``s3://``, None for local paths."""
+    if str(path).startswith("s3://"):
+        import s3fs
+
+        return s3fs.S3FileSystem(**s3_options(s3_cfg))
+    return None
+
+
+def fsspec_for(path: str, s3_cfg: Any = None):
+    import fsspec
+
+    fs = filesystem_for(path, s3_cfg)
+    return fs if fs is not None else fsspec.filesystem("file")
+
+
+def list_data_files(path: str, s3_cfg: Any = None) -> list[str]:
+    """The Parquet/JSONL files at ``path`` (one file, or a directory searched recursively), sorted."""
+    path = str(path)
+    fs = fsspec_for(path, s3_cfg)
+    if fs.isfile(path):
+        return [path]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data path {path!r} does not exist; check the path (data.train_path, "
+                                "data.eval_path or the command's argument)")
+    files = sorted(f for f in fs.find(path) if f.endswith(DATA_EXTENSIONS)
+                   and not os.path.basename(f).startswith(("_", ".")))
+    if path.startswith("s3://"):
+        files = [f if f.startswith("s3://") else "s3://" + f for f in files]
+    return files
+
+
+def file_format(path: str, s3_cfg: Any = None) -> str:
+    """``parquet`` or ``jsonl``, from the files' extensions (``.json`` files are read as JSON lines)."""
+    files = list_data_files(path, s3_cfg)
+    kinds = {"parquet" if f.endswith(".parquet") else "jsonl" for f in files}
+    if not kinds:
+        raise FileNotFoundError(f"no .parquet, .jsonl or .json files under {path!r}")
+    if len(kinds) > 1:
+        raise ValueError(f"{path!r} mixes Parquet and JSONL files; keep one format per dataset path")
+    return kinds.pop()
+
+
+def read_dimensions(path: str, s3_cfg: Any = None) -> Optional[list[str]]:
+    """Dimension names from the Parquet schema metadata of the first file at ``path``, or None."""
+    files = [f for f in list_data_files(path, s3_cfg) if f.endswith(".parquet")]
+    if not files:
+        return None
+    with fsspec_for(files[0], s3_cfg).open(files[0], "rb") as f:
+        return dimensions_of(pq.read_schema(f))
+
+
+def iter_raw_rows(path: str, s3_cfg: Any = None, batch_size: int = 1024) -> Iterator[Any]:
+    """Stream the rows at ``path``: dicts from Parquet, raw text lines from JSONL (empty lines skipped).
+
+    JSONL lines are not parsed here so a malformed line becomes a counted ``invalid_json`` rejection.
+    """
+    fmt = file_format(path, s3_cfg)
+    for name in list_data_files(path, s3_cfg):
+        fs = fsspec_for(name, s3_cfg)
+        if fmt == "parquet":
+            with fs.open(name, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                    yield from batch.to_pylist()
+        else:
+            with fs.open(name, "rt", encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield line.rstrip("\n")
+
+
+def _output_file(path: str, suffix: str) -> str:
+    """``path`` itself if it names a file with ``suffix``, else ``path/part-00000<suffix>``."""
+    path = str(path)
+    return path if path.endswith(suffix) else path.rstrip("/") + f"/part-00000{suffix}"
+
+
+def write_table(table: pa.Table, path: str, s3_cfg: Any = None) -> str:
+    """Write one Arrow table as Parquet (``.parquet`` file or a directory) or JSONL (``.jsonl``)."""
+    target = _output_file(path, ".jsonl" if str(path).endswith(".jsonl") else ".parquet")
+    fs = fsspec_for(target, s3_cfg)
+    if not str(target).startswith("s3://"):
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    if target.endswith(".jsonl"):
+        with fs.open(target, "w", encoding="utf-8") as f:
+            for row in table.to_pylist():
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n")
+    else:
+        with fs.open(target, "wb") as f:
+            pq.write_table(table, f)
+    return target
+
+
+def write_records(records: Iterable[ListwiseRecord], path: str, dimensions: list[str],
+                  s3_cfg: Any = None) -> str:
+    """Write listwise records (dimension names in the schema metadata); returns the file written."""
+    return write_table(records_to_table(list(records), dimensions), path, s3_cfg)
+
+
+def read_table(path: str, s3_cfg: Any = None) -> pa.Table:
+    """All Parquet files at ``path`` as one table, with the first file's schema metadata."""
+    tables = []
+    for name in list_data_files(path, s3_cfg):
+        with fsspec_for(name, s3_cfg).open(name, "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
