@@ -10,6 +10,7 @@ Layout of one checkpoint directory (``{storage_path}/{run_name}/step_00000040/``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,7 +106,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
         state_dict = {k.removeprefix(WRAPPER_PREFIX): v
                       for k, v in get_fp32_state_dict_from_zero_checkpoint(ds_dir).items()}
         config = AutoConfig.from_pretrained(hf_dir)
-        with torch.device("meta"):
+        with without_zero3_init(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         torch_dtype = getattr(torch, dtype)
         state_dict = {k: v.to(torch_dtype) for k, v in state_dict.items()}
@@ -122,6 +123,20 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
     finally:
         if temporary:
             shutil.rmtree(local, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def without_zero3_init():
+    """Build a plain (unpartitioned) model even if this process holds a live ``HfDeepSpeedConfig``
+    (transformers keeps a process-global weakref to the last one, e.g. from an in-process engine)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def _tied_keys(model) -> set[str]:

@@ -16,8 +16,6 @@ rounding (about 1e-7 relative in fp32), not bit for bit; the online mode gives e
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow as pa
 import torch
 
@@ -65,17 +63,23 @@ def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     return table.append_column(name, values)
 
 
-def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: int = 8):
-    """``ds`` with ``ref_logps`` (and ``ref_entropy`` for MallowsPO) filled by the reference model."""
+def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: int = 8,
+                           with_entropy: bool | None = None):
+    """``ds`` with ``ref_logps`` (and ``ref_entropy`` for MallowsPO) filled by the reference model.
+
+    ``with_entropy``: also write ``ref_entropy`` (None: when ``cfg.loss`` needs a dispersion; a sweep over
+    several losses asks for it when any of them does).
+    """
     from raypo.losses.registry import get_loss_spec
     from raypo.train.loop import worker_dtype
 
-    spec = get_loss_spec(cfg.loss.name)
+    if with_entropy is None:
+        with_entropy = get_loss_spec(cfg.loss.name).needs_dispersion
     use_gpu = cfg.scaling.use_gpu
     return ds.map_batches(
         ReferenceScorer,
         fn_constructor_args=(ref_path, worker_dtype(cfg), cfg.model.attention, cfg.model.prefix_sharing,
-                             spec.needs_dispersion),
+                             with_entropy),
         batch_size=batch_size, batch_format="pyarrow", concurrency=1,
         num_gpus=1 if use_gpu else 0, num_cpus=1,
     ).materialize()

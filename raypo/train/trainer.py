@@ -16,6 +16,20 @@ from raypo.config import RaypoConfig, to_dict
 
 
 @dataclass
+class PreparedDatasets:
+    """Tokenised train and eval datasets prepared outside :func:`build_trainer`.
+
+    A sweep tokenises the data and computes the reference log-probs once, into a Parquet cache that every
+    trial reads (:mod:`raypo.tune`); such a trial hands the datasets in here instead of rebuilding them.
+    They must carry ``ref_logps`` (and ``ref_entropy`` for MallowsPO) when ``train.reference=precomputed``.
+    """
+
+    train: Any
+    eval: Any
+    dimensions: list[str]
+
+
+@dataclass
 class TrainResult:
     run_dir: str
     checkpoint: Optional[str]
@@ -68,8 +82,13 @@ def worker_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(keep)}
 
 
-def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
-    """A ready-to-fit TorchTrainer for ``cfg`` (used by ``raypo train`` and by each Tune trial)."""
+def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
+                  precomputed_datasets: Optional[PreparedDatasets] = None):
+    """A ready-to-fit TorchTrainer for ``cfg`` (used by ``raypo train`` and by each Tune trial).
+
+    ``precomputed_datasets``: use these tokenised datasets (e.g. a sweep's shared reference cache) instead
+    of reading, tokenising and scoring ``cfg.data`` here.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -78,13 +97,23 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
     from raypo.train.loop import train_loop_per_worker
 
     policy_path, ref_path = resolve_model_paths(cfg)
-    train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer_path=policy_path)
-    print(report.format(), flush=True)
-    if cfg.train.reference == "precomputed":
-        from raypo.train.reference import add_reference_logprobs
+    if precomputed_datasets is not None:
+        train_ds, eval_ds = precomputed_datasets.train, precomputed_datasets.eval
+        dimensions = list(precomputed_datasets.dimensions)
+    else:
+        train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer_path=policy_path)
+        print(report.format(), flush=True)
+        dimensions = list(report.dimensions or [])
+        if cfg.train.reference == "precomputed" and cfg.train.reference_cache:
+            from raypo.train.reference_cache import cached_reference_logprobs
 
-        train_ds = add_reference_logprobs(train_ds, cfg, ref_path)
-        eval_ds = add_reference_logprobs(eval_ds, cfg, ref_path)
+            train_ds = cached_reference_logprobs(train_ds, cfg, ref_path, cfg.train.reference_cache)
+            eval_ds = cached_reference_logprobs(eval_ds, cfg, ref_path, cfg.train.reference_cache)
+        elif cfg.train.reference == "precomputed":
+            from raypo.train.reference import add_reference_logprobs
+
+            train_ds = add_reference_logprobs(train_ds, cfg, ref_path)
+            eval_ds = add_reference_logprobs(eval_ds, cfg, ref_path)
     has_eval = eval_ds.count() > 0
     datasets = trainer_datasets(train_ds, eval_ds, epochs=cfg.train.epochs, seed=cfg.data.shuffle_seed)
     storage_path, storage_fs = storage_location(cfg)
@@ -105,7 +134,7 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None):
         failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
         callbacks=all_callbacks, worker_runtime_env={"env_vars": worker_environment()})
     loop_config = {"config": to_dict(cfg), "policy_path": policy_path, "ref_path": ref_path,
-                   "has_eval": has_eval, "dimensions": list(report.dimensions or [])}
+                   "has_eval": has_eval, "dimensions": dimensions}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),

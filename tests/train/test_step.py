@@ -106,3 +106,25 @@ def test_labels_follow_each_loss_kind():
     assert torch.equal(loss_labels(get_loss_spec("dpo"), ranks_only), -ranks_only["ranks"])
     with pytest.raises(ValueError, match="per-dimension ratings"):
         loss_labels(get_loss_spec("lambda_dpo"), ranks_only)
+
+
+def test_export_builds_a_plain_model_while_an_engine_lives_in_the_process(tiny_model_dir, tokenized_rows,
+                                                                          single_process_group, tmp_path):
+    """transformers remembers the last HfDeepSpeedConfig process-wide; export must not build under it."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint
+
+    cfg = make_cfg("dpo")
+    engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
+                            needs_online_reference=False, total_steps=1)
+    assert is_deepspeed_zero3_enabled()
+    local = save_checkpoint(engines.policy, TrainState(global_step=1), rank=0, hf_config=engines.hf_config,
+                            tokenizer=engines.tokenizer)
+    out = export_checkpoint(local, str(tmp_path / "export"))
+    assert is_deepspeed_zero3_enabled()  # the process's setting is restored afterwards
+    model = AutoModelForCausalLM.from_pretrained(out)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name  # no step was taken: the export equals the initial weights

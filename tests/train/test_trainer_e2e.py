@@ -66,9 +66,21 @@ def initial_weights(tiny_model_dir):
 def baseline(ray_cluster, tiny_model_dir, tmp_path_factory):
     """The uninterrupted reference run: 2 workers, 2 prompts each per step."""
     storage = str(tmp_path_factory.mktemp("runs"))
-    cfg = load_config(None, base_overrides(tiny_model_dir, storage, "baseline"))
+    overrides = base_overrides(tiny_model_dir, storage, "baseline") + ["logging.tensorboard=true"]
+    cfg = load_config(None, overrides)
     result = run_training(cfg)
     return result, exported_weights(result.export_dir)
+
+
+def test_run_keeps_the_last_checkpoints_and_writes_tensorboard(baseline):
+    result, _ = baseline
+    run_dir = Path(result.run_dir)
+    steps = sorted(p.name for p in run_dir.glob("step_*"))
+    assert steps == [f"step_{STEPS - 1:08d}", f"step_{STEPS:08d}"]  # checkpoint.keep_last=2
+    assert result.checkpoint.endswith(f"step_{STEPS:08d}")
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert result.metrics["step"] == STEPS and "train/pairwise_accuracy" in result.metrics
 
 
 # Runs differ only in the order floating-point sums are taken (ranks, micro-batches), so weights agree to
