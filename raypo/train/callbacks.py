@@ -6,7 +6,9 @@ Only rank 0's metrics are used: the worker loop has already all-reduced them acr
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
 from typing import Any, Optional
@@ -21,6 +23,12 @@ PROGRESS_FIELDS = (
 )
 
 
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The reports a run wrote to its ``metrics.jsonl``, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def format_progress(metrics: dict[str, Any], max_steps: int) -> str:
     step = int(metrics.get("step", 0))
     parts = [f"step {step:>5}/{max_steps}"]
@@ -32,11 +40,14 @@ def format_progress(metrics: dict[str, Any], max_steps: int) -> str:
 
 
 class ProgressCallback(UserCallback):
-    """Prints one line per report and writes every scalar metric to TensorBoard."""
+    """Prints one line per report, appends every report to a JSON-lines file (the run's metric history;
+    Ray Train V2 keeps only checkpointed reports) and writes every scalar metric to TensorBoard."""
 
-    def __init__(self, max_steps: int, tensorboard_dir: Optional[str] = None):
+    def __init__(self, max_steps: int, tensorboard_dir: Optional[str] = None,
+                 metrics_path: Optional[str] = None):
         self.max_steps = max_steps
         self.tensorboard_dir = tensorboard_dir
+        self.metrics_path = metrics_path
         self._writer = None
         self._start = time.time()
 
@@ -55,6 +66,10 @@ class ProgressCallback(UserCallback):
         if checkpoint is not None:
             line += f" | checkpoint {checkpoint.path}"
         print(f"[raypo {time.time() - self._start:7.1f}s] {line}", file=sys.stdout, flush=True)
+        if self.metrics_path:
+            os.makedirs(os.path.dirname(self.metrics_path), exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float, str))}) + "\n")
         writer = self._tb()
         if writer is not None:
             step = int(m.get("step", 0))

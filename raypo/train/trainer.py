@@ -63,6 +63,15 @@ def storage_location(cfg: RaypoConfig) -> tuple[str, Any]:
     return path.removeprefix("s3://"), s3
 
 
+def local_run_directory(cfg: RaypoConfig) -> str:
+    """Where the driver writes the run's metric history and TensorBoard files: the run directory for local
+    storage, ``~/raypo_runs/<run_name>`` when checkpoints go to S3."""
+    storage_path, storage_fs = storage_location(cfg)
+    remote = storage_fs is not None or "://" in storage_path
+    base = os.path.expanduser("~/raypo_runs") if remote else storage_path
+    return os.path.join(base, run_name(cfg))
+
+
 def resolve_model_paths(cfg: RaypoConfig) -> tuple[str, str]:
     """Local (or hub id) paths of the policy and reference models; ``tiny://`` models are built here."""
     from raypo.modeling import resolve_model_source, s3_storage_options
@@ -118,11 +127,10 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     datasets = trainer_datasets(train_ds, eval_ds, epochs=cfg.train.epochs, seed=cfg.data.shuffle_seed)
     storage_path, storage_fs = storage_location(cfg)
     name = run_name(cfg)
-    tb_dir = None
-    if cfg.logging.tensorboard:
-        base = storage_path if storage_fs is None else os.path.expanduser("~/raypo_runs")
-        tb_dir = os.path.join(base, name, "tensorboard")
-    all_callbacks = [ProgressCallback(cfg.train.max_steps, tb_dir), *(callbacks or [])]
+    local_run_dir = local_run_directory(cfg)
+    tb_dir = os.path.join(local_run_dir, "tensorboard") if cfg.logging.tensorboard else None
+    progress = ProgressCallback(cfg.train.max_steps, tb_dir, os.path.join(local_run_dir, "metrics.jsonl"))
+    all_callbacks = [progress, *(callbacks or [])]
 
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
