@@ -172,3 +172,26 @@ def test_driver_stopped_mid_run_resumes_from_s3(baseline, s3, tiny_model_dir, tm
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming from" in second.stdout + second.stderr
     assert max_abs_diff(exported_weights(str(tmp_path / "export")), weights) < TOLERANCE
+
+
+def lambda_overrides(model_dir: Path, storage: str, name: str) -> list[str]:
+    """8 prompts, 2 steps per epoch, lambda-DPO with a per-prompt Dirichlet lambda: a resume must continue
+    mid-epoch at the right micro-batch and with the lambda sequence where it stopped."""
+    drop = ("data.train_path", "loss.name", "loss.params", "train.epochs")
+    kept = [o for o in base_overrides(model_dir, storage, name) if not o.startswith(drop)]
+    return kept + ["data.train_path=synthetic://default?num_prompts=8&seed=2", "loss.name=lambda_dpo",
+                   "lambdas.schedule=uniform", "lambdas.per=prompt", "train.epochs=2"]
+
+
+def test_resume_mid_epoch_continues_data_and_lambda_sequence(ray_cluster, tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    straight = run_training(load_config(None, lambda_overrides(tiny_model_dir, str(tmp_path), "straight")))
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RAYPO_FAIL_AT_STEP", "3")  # after step 3: epoch 1, one micro-batch into it
+    monkeypatch.setenv("RAYPO_FAIL_MARKER", str(marker))
+    resumed = run_training(load_config(None, lambda_overrides(tiny_model_dir, str(tmp_path), "resumed")
+                                       + ["checkpoint.max_failures=1"]))
+    assert marker.exists()
+    assert resumed.metrics["step"] == STEPS
+    diff = max_abs_diff(exported_weights(resumed.export_dir), exported_weights(straight.export_dir))
+    assert diff < TOLERANCE
