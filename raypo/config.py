@@ -58,7 +58,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    attention: str = "auto"  # auto | eager | sdpa | flex | flash_attention_2
+    attention: str = "auto"  # auto | eager | sdpa | prefix_sdpa | flex | flash_attention_2
     prefix_sharing: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -169,6 +169,9 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     reference: str = "online"  # online | precomputed
+    # precomputed only: cache directory (local or s3://) of reference log-probs keyed by the reference model's
+    # files, the tokenised rows and the stage settings (raypo.train.reference_cache); None: no cache
+    reference_cache: Optional[str] = None
     response_chunk_size: int = 0  # 0: all N responses at once; k: listwise micro-batching in chunks of k
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 0  # 0: the whole eval split
@@ -193,6 +196,12 @@ class LoggingConfig:
 
 @dataclass
 class TuneConfig:
+    """``raypo tune``: a Ray Tune sweep whose trials are training runs (see :mod:`raypo.tune`, docs/tune.md).
+
+    ``search_space`` maps dotted config keys to samplers, e.g. ``loss.beta: {loguniform: [0.01, 0.5]}``.
+    ASHA compares trials at the optimizer step (``grace_period`` and the rungs count steps).
+    """
+
     search_space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 4
     metric: str = "eval/pairwise_accuracy"
@@ -200,8 +209,10 @@ class TuneConfig:
     scheduler: str = "asha"  # asha | fifo
     search_alg: str = "random"  # random | grid | optuna | hyperopt
     max_concurrent_trials: int = 0  # 0: derived from cluster resources
-    grace_period: int = 1
-    storage_path: Optional[str] = None
+    grace_period: int = 1  # ASHA: optimizer steps before a trial can be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor of the trials at each rung
+    share_reference: bool = True  # precompute reference log-probs once for all trials (same model/data)
+    storage_path: Optional[str] = None  # None: checkpoint.storage_path
 
 
 @dataclass
@@ -483,7 +494,8 @@ def validate(cfg: RaypoConfig) -> list[str]:
     p: list[str] = []
     m, d, lo, la, o = cfg.model, cfg.data, cfg.loss, cfg.lambdas, cfg.optimizer
     _choice(p, "model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
-    _choice(p, "model.attention", m.attention, ("auto", "eager", "sdpa", "flex", "flash_attention_2"))
+    _choice(p, "model.attention", m.attention, ("auto", "eager", "sdpa", "prefix_sdpa", "flex",
+                                                "flash_attention_2"))
     if m.lora.enabled:
         _positive(p, "model.lora.r", m.lora.r)
 
@@ -574,6 +586,9 @@ def validate(cfg: RaypoConfig) -> list[str]:
     _at_least(p, "train.response_chunk_size", t.response_chunk_size, 0)
     _at_least(p, "train.eval_every", t.eval_every, 0)
     _choice(p, "train.reference", t.reference, ("online", "precomputed"))
+    if t.reference_cache and t.reference != "precomputed":
+        p.append(f"train.reference_cache={t.reference_cache!r} is only used with "
+                 "train.reference=precomputed; set train.reference=precomputed or drop train.reference_cache")
 
     c = cfg.checkpoint
     _at_least(p, "checkpoint.every_steps", c.every_steps, 0)
@@ -589,6 +604,15 @@ def validate(cfg: RaypoConfig) -> list[str]:
     _choice(p, "tune.scheduler", tu.scheduler, ("asha", "fifo"))
     _choice(p, "tune.search_alg", tu.search_alg, ("random", "grid", "optuna", "hyperopt"))
     _at_least(p, "tune.max_concurrent_trials", tu.max_concurrent_trials, 0)
+    _at_least(p, "tune.grace_period", tu.grace_period, 1)
+    _at_least(p, "tune.reduction_factor", tu.reduction_factor, 2)
+    if not tu.metric.startswith(("eval/", "train/")):
+        p.append(f"tune.metric={tu.metric!r} is not a reported metric: use an eval/ or train/ metric, e.g. "
+                 "eval/pairwise_accuracy (mode max) or eval/loss (mode min)")
+    if tu.search_space:
+        from raypo.tune import search_space_problems  # the sampler syntax lives with the sweep code
+
+        p += search_space_problems(cfg)
 
     pl = cfg.plan
     _at_least(p, "plan.responses_per_prompt", pl.responses_per_prompt, 2)

@@ -553,7 +553,7 @@ def read_results_table(
     written with ``to_csv``) or an iterable of row mappings. Rows with a missing or non-finite score or
     lambda are skipped; unknown column names raise with the available ones."""
     if isinstance(path_or_rows, (str, Path)):
-        with open(path_or_rows, newline="") as f:
+        with _open_text(str(path_or_rows)) as f:
             rows: list[Mapping[str, Any]] = list(csv.DictReader(f))
     else:
         rows = list(path_or_rows)
@@ -576,6 +576,15 @@ def read_results_table(
     if not points:
         raise ValueError("read_results_table: no row has finite lambda and score values")
     return points
+
+
+def _open_text(path: str):
+    """A local file, or an ``s3://`` object (a sweep's results on S3; endpoint from the environment)."""
+    if "://" in path:
+        from raypo.data.io import fsspec_for
+
+        return fsspec_for(path).open(path, "r", newline="")
+    return open(path, newline="")
 
 
 def from_results_table(

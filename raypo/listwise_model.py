@@ -13,6 +13,9 @@ Attention backends for the shared layout (``config._attn_implementation`` of the
 * ``eager``: dense additive float mask [R, 1, L, L] in the model dtype.
 * ``sdpa``: dense boolean mask [R, 1, L, L] (SDPA's flash kernel takes no arbitrary mask, so it runs the
   memory-efficient or math kernel; the mask costs R*L^2 bytes). The CPU path and the default (``auto``).
+* ``raypo_prefix_sdpa`` (``model.attention: prefix_sdpa``): no dense mask; a [R, 1, 2, L] structure mask
+  from which :mod:`raypo.attention` computes only the allowed blocks (prompt causal, each response on
+  [prompt | itself]) with batched SDPA: attention cost P^2 + sum_i R_i (P + R_i) instead of L^2.
 * ``flex_attention``: a FlexAttention ``BlockMask`` from :func:`raypo.packing.prefix_sharing_mask_mod`
   (GPU; block-sparse, so masked-out response pairs cost nothing). Only its forward is checked, on CPU (an
   integration test); its backward and the GPU kernels have not been run.
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from raypo import attention as prefix_attention  # registers the prefix_sdpa backend with transformers
 from raypo.logprobs import (
     DEFAULT_HEAD_CHUNK_SIZE,
     check_head_supported,
@@ -95,6 +99,8 @@ class ListwiseLogProbModel(nn.Module):
             return prefix_sharing_mask(group_ids, segment_ids)
         if impl == "eager":
             return additive_mask(prefix_sharing_mask(group_ids, segment_ids), dtype)
+        if impl == prefix_attention.NAME:
+            return prefix_attention.structure_mask(group_ids, segment_ids)
         if impl == "flex_attention":
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -102,7 +108,7 @@ class ListwiseLogProbModel(nn.Module):
             mask_mod = prefix_sharing_mask_mod(group_ids, segment_ids)
             return create_block_mask(mask_mod, rows, None, length, length, device=group_ids.device)
         raise ValueError(f"attention implementation {impl!r} cannot take the prefix-sharing block mask; set "
-                         "model.attention to sdpa, eager or flex, or model.prefix_sharing=false")
+                         "model.attention to prefix_sdpa, sdpa, eager or flex, or model.prefix_sharing=false")
 
     def forward(
         self,

@@ -49,8 +49,9 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float64": torch.float64, "fp64": torch.float64,  # tests only
 }
-_ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention", "flex_attention": "flex_attention",
-              "flash_attention_2": "flash_attention_2", "flash_attention_3": "flash_attention_3"}
+_ATTENTION = {"eager": "eager", "sdpa": "sdpa", "prefix_sdpa": "raypo_prefix_sdpa", "flex": "flex_attention",
+              "flex_attention": "flex_attention", "flash_attention_2": "flash_attention_2",
+              "flash_attention_3": "flash_attention_3"}
 COMPLETE_MARKER = ".raypo-complete"
 
 
@@ -70,15 +71,18 @@ def parse_dtype(name: str | torch.dtype, *, device: str | torch.device | None = 
 def hf_attn_implementation(attention: str, *, prefix_sharing: bool) -> str:
     """raypo's ``model.attention`` -> transformers' ``attn_implementation``.
 
-    ``auto`` is ``sdpa``: it takes the dense prefix-sharing mask on CPU and GPU alike. ``flex`` (block-sparse
-    mask, GPU) is opt-in. Flash-attention kernels take no custom mask, so they need ``prefix_sharing=false``.
+    ``auto`` is ``sdpa``: it takes the dense prefix-sharing mask on CPU and GPU alike. ``prefix_sdpa``
+    (:mod:`raypo.attention`: SDPA on the allowed blocks only) and ``flex`` (block-sparse mask, GPU) are
+    opt-in. Flash-attention kernels take no custom mask, so they need ``prefix_sharing=false``.
     """
     if attention == "auto":
         return "sdpa"
     if attention not in _ATTENTION:
-        raise ValueError(f"model.attention={attention!r} is not supported; use auto, eager, sdpa, flex or "
-                         "flash_attention_2")
+        raise ValueError(f"model.attention={attention!r} is not supported; use auto, eager, sdpa, "
+                         "prefix_sdpa, flex or flash_attention_2")
     impl = _ATTENTION[attention]
+    if attention == "prefix_sdpa":
+        import raypo.attention  # noqa: F401 - registers the backend before from_pretrained validates the name
     if prefix_sharing and impl.startswith("flash_attention"):
         raise ValueError(f"model.attention={attention} cannot take the prefix-sharing block mask; set "
                          "model.prefix_sharing=false, or model.attention=sdpa or flex")

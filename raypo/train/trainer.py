@@ -167,9 +167,30 @@ def init_ray(cfg: RaypoConfig) -> None:
     # Inside a Ray job the job's runtime_env already reaches every worker, and Ray refuses a driver
     # runtime_env that overlaps it.
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None,
-             runtime_env=None if in_job else {"env_vars": env}, logging_level=logging.WARNING,
-             configure_logging=True)
+    pinned_port = None
+    if address == "local" and not in_job:
+        # Ray's State API, which Train's placement-group cleaner uses to free the workers of a run whose
+        # controller died (a Tune trial stopped early), finds its cluster from RAY_ADDRESS or else fails
+        # when several Ray instances run on the machine; so the new cluster's GCS port is fixed here and
+        # its address handed to every process of the cluster.
+        pinned_port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(pinned_port)
+        env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{pinned_port}"
+    try:
+        ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None,
+                 runtime_env=None if in_job else {"env_vars": env}, logging_level=logging.WARNING,
+                 configure_logging=True)
+    finally:
+        if pinned_port is not None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def run_training(cfg: RaypoConfig) -> TrainResult:

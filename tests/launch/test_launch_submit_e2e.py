@@ -11,7 +11,6 @@ spec says with Ray Train's ``Result.from_path``; they are skipped while ``raypo.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import textwrap

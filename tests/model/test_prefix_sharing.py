@@ -23,7 +23,7 @@ def _logps_and_grads(model, batch, prefix_sharing, weights):
     return out.logps.detach(), _param_grads(model)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "raypo_prefix_sdpa"])
 def test_shared_equals_unshared_values_and_grads(tiny_model_f64, make_rows, attn):
     tiny_model_f64.config._attn_implementation = attn
     batch = collate_listwise(make_rows(GROUPS))
@@ -51,7 +51,7 @@ def test_matches_plain_hf_forward(tiny_model_f64, make_rows):
             torch.testing.assert_close(out.logps[b, i].detach(), logp.sum(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "raypo_prefix_sdpa"])
 def test_editing_one_response_leaves_others_bitwise_unchanged(tiny_model_f64, make_rows, attn):
     tiny_model_f64.config._attn_implementation = attn
     rows = make_rows(GROUPS)

@@ -1,0 +1,39 @@
+"""The benchmarks in bench/ run end to end with tiny sizes (not timed; the numbers mean nothing here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_benchmark_runs_with_tiny_sizes(tmp_path):
+    benches = ["prefix_sharing", "head", "microbatch"]
+    if importlib.util.find_spec("trl") is not None:  # optional: pip install trl (the TRL comparison)
+        benches.append("trl")
+    proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--smoke", "--out", str(tmp_path), "--only",
+                           *benches], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke.json").read_text())
+    assert results["smoke"] is True and all(name in results for name in benches)
+    assert results["prefix_sharing"]["rows"][0]["shared_tokens"] < results["prefix_sharing"]["rows"][0][
+        "unshared_tokens"]
+    assert {t["target"] for t in results["targets"]}  # the target checks ran on the smoke numbers
+    assert "## Prefix sharing" in (tmp_path / "smoke.md").read_text()
+
+
+def test_peak_memory_method_reads_a_known_allocation(monkeypatch):
+    """A step that holds 64 MiB of tensors reads as ~64 MiB of extra peak RSS in a fresh process."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.common import peak_in_subprocess
+
+    result = peak_in_subprocess("bench.common", {"mib": 64})
+    assert 60 <= result["peak_mib"] <= 72, result

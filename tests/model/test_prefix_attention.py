@@ -1,0 +1,86 @@
+"""The prefix_sdpa backend (raypo.attention): the dense block mask's values and gradients without the
+[L, L] mask, on ragged groups, padding, empty response chunks, GQA and the unshared layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raypo.attention import NAME, _segments, is_structure_mask, structure_mask
+from raypo.listwise_model import ListwiseLogProbModel, grouped_logprobs
+from raypo.microbatch import listwise_backward
+from raypo.packing import collate_listwise, pack_shared
+
+GROUPS = [(5, [3, 1, 4, 2]), (1, [2, 3]), (3, [1]), (7, [6, 2, 2, 5, 1])]
+
+
+def _run(model, batch, attn, *, prefix_sharing=True, pad_to_multiple_of=1):
+    model.config._attn_implementation = attn
+    model.zero_grad(set_to_none=True)
+    weights = torch.randn(batch.num_groups, batch.num_responses, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(2))
+    out = grouped_logprobs(model, batch, prefix_sharing=prefix_sharing, pad_to_multiple_of=pad_to_multiple_of)
+    (out.logps * weights).sum().backward()
+    return out.logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("pad", [1, 16])
+def test_equals_dense_mask_values_and_grads(tiny_model_f64, make_rows, pad):
+    assert tiny_model_f64.config.num_key_value_heads < tiny_model_f64.config.num_attention_heads  # GQA
+    batch = collate_listwise(make_rows(GROUPS))
+    dense, g_dense = _run(tiny_model_f64, batch, "sdpa", pad_to_multiple_of=pad)
+    blocks, g_blocks = _run(tiny_model_f64, batch, NAME, pad_to_multiple_of=pad)
+    torch.testing.assert_close(blocks, dense, atol=1e-10, rtol=0)
+    for name, grad in g_dense.items():
+        torch.testing.assert_close(g_blocks[name], grad, atol=1e-10, rtol=0, msg=name)
+
+
+def test_unshared_layout_falls_back_to_sdpa(tiny_model_f64, make_rows):
+    batch = collate_listwise(make_rows(GROUPS))
+    shared, _ = _run(tiny_model_f64, batch, NAME)
+    unshared, _ = _run(tiny_model_f64, batch, NAME, prefix_sharing=False)
+    torch.testing.assert_close(shared, unshared, atol=1e-6, rtol=0)
+
+
+def test_response_length_change_leaves_others_bitwise_unchanged(tiny_model_f64, make_rows):
+    tiny_model_f64.config._attn_implementation = NAME
+    rows = make_rows(GROUPS)
+    with torch.no_grad():
+        before = grouped_logprobs(tiny_model_f64, collate_listwise(rows)).logps
+        rows[0]["response_ids"][0] = rows[0]["response_ids"][0] + [20, 21, 22]  # moves later responses
+        after = grouped_logprobs(tiny_model_f64, collate_listwise(rows)).logps
+    torch.testing.assert_close(before[0, 1:], after[0, 1:], atol=1e-12, rtol=0)
+    torch.testing.assert_close(before[1:], after[1:], atol=1e-12, rtol=0)
+
+
+def test_chunked_listwise_backward_with_empty_chunks(tiny_model_f64, make_rows):
+    """Response chunks past a group's N leave prompt-only rows (no response block at all)."""
+    tiny_model_f64.config._attn_implementation = NAME
+    batch = collate_listwise(make_rows(GROUPS))
+
+    def loss_fn(logps):
+        return (logps * batch.response_mask()).sum(), 1.0, {}
+
+    grads = []
+    for chunk in (None, 2):
+        tiny_model_f64.zero_grad(set_to_none=True)
+        listwise_backward(tiny_model_f64, batch, loss_fn, chunk_size=chunk, num_chunks=4 if chunk else None)
+        grads.append({n: p.grad.clone() for n, p in tiny_model_f64.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_structure_mask_and_segments():
+    batch = collate_listwise([{"prompt_ids": [1, 2, 3], "response_ids": [[4, 5], [6]]},
+                              {"prompt_ids": [7], "response_ids": [[8, 9, 10]]}])
+    packed = pack_shared(batch, pad_to_multiple_of=8)
+    mask = structure_mask(packed.group_ids, packed.segment_ids)
+    assert is_structure_mask(mask) and mask.shape == (2, 1, 2, 8)
+    assert not is_structure_mask(torch.ones(2, 1, 8, 8, dtype=torch.bool))
+    prompts, responses = _segments(packed.group_ids, packed.segment_ids)
+    assert prompts == [(0, 0, 3), (1, 0, 1)]
+    assert responses == [(0, 0, 3, 3, 2), (0, 0, 3, 5, 1), (1, 0, 1, 1, 3)]
+    wrapper = ListwiseLogProbModel.__new__(ListwiseLogProbModel)  # block_mask only reads the backend name
+    torch.nn.Module.__init__(wrapper)
+    wrapper.causal_lm = type("LM", (), {"config": type("C", (), {"_attn_implementation": NAME})()})()
+    assert torch.equal(wrapper.block_mask(packed.group_ids, packed.segment_ids, torch.float32), mask)

@@ -1,0 +1,234 @@
+"""End to end: ``raypo tune`` from the CLI on a local 2-CPU Ray cluster, every trial a Ray Train + DeepSpeed
+ZeRO-3 run of a tiny Llama (1 CPU worker, 4 steps), killed mid-way and resumed, then a training run whose
+learned lambda scheduler is fitted from the sweep's results.
+
+One sweep serves every test (a trial costs about a minute here). Its 2 x 2 grid runs in this order, one
+trial at a time (Tune expands grids with the alphabetically first key, lambdas.weights, varying fastest)::
+
+    trial 0  lambda uniform,   lr 1e-3   learns: eval accuracy ~0.85 at step 2, ~0.9 at step 4
+    trial 1  lambda Dirichlet, lr 1e-3   learns
+    trial 2  lambda uniform,   lr 1e-30  cannot move: accuracy 0 at step 2 < ASHA's cutoff -> stopped early
+    trial 3  lambda Dirichlet, lr 1e-30  the driver is killed (process group) once its step-1 checkpoint is
+                                         committed; after --resume it continues from that checkpoint and
+                                         ASHA stops it at step 2 (its rungs were replayed from trials 0-2)
+
+ASHA (time attribute = step, grace period 2, reduction factor 2) compares trials at the evaluations of
+steps 2 and 4. Trial 3 starting at all after trial 2 was stopped shows that the stopped trial's worker was
+released (Ray Train's placement-group cleaner). ``--resume`` must keep trials 0-2 as they are and continue
+trial 3 from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raypo.config import load_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+METRIC = "eval/pairwise_accuracy"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def sweep_yaml(model_dir: Path, storage: Path) -> str:
+    return textwrap.dedent(f"""\
+        defaults: [{REPO / "configs" / "deepspeed" / "zero3_cpu.yaml"}]
+        model: {{path: {model_dir}, dtype: float32}}
+        data:
+          train_path: "synthetic://default?num_prompts=48&seed=0"
+          eval_fraction: 0.25
+          max_prompt_length: 64
+          max_response_length: 32
+        loss: {{name: lambda_dpo, beta: 0.1}}
+        lambdas: {{schedule: fixed, weights: [0.25, 0.25, 0.25, 0.25]}}
+        optimizer: {{lr: 1.0e-3, lr_scheduler: constant, warmup_steps: 0}}
+        train: {{micro_batch_size: 4, max_steps: 4, epochs: 1, eval_every: 2}}
+        scaling: {{num_workers: 1}}
+        logging: {{tensorboard: false}}
+        checkpoint: {{storage_path: {storage}, run_name: e2e, every_steps: 1, keep_last: 2}}
+        ray: {{num_cpus: 2}}
+        tune:
+          search_space:
+            lambdas.weights: {{simplex: {{num: 1, include_onehots: false, include_uniform: true, seed: 0}}}}
+            optimizer.lr: {{grid_search: [1.0e-3, 1.0e-30]}}
+            loss.beta: {{loguniform: [0.05, 0.5]}}
+          num_samples: 1
+          metric: {METRIC}
+          mode: max
+          scheduler: asha
+          grace_period: 2
+          reduction_factor: 2
+          max_concurrent_trials: 1
+        """)
+
+
+def trial_states(experiment: Path) -> dict[str, str]:
+    """{trial id: status} from Tune's latest persisted experiment state."""
+    files = sorted(experiment.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+    except (ValueError, OSError):  # being rewritten
+        return {}
+    states = {}
+    for trial_json, _ in data["trial_data"]:
+        trial = json.loads(trial_json)
+        states[trial["trial_id"]] = trial["status"]
+    return states
+
+
+def committed_steps(run_dir: Path) -> list[str]:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_model_dir, tmp_path_factory):
+    """Run the sweep from the CLI, kill it during trial 3, resume it; returns what the tests check."""
+    tmp = tmp_path_factory.mktemp("tune_e2e")
+    storage = tmp / "sweeps"
+    config = tmp / "sweep.yaml"
+    config.write_text(sweep_yaml(tiny_model_dir, storage))
+    experiment = storage / "e2e"
+    cmd = [sys.executable, "-m", "raypo.cli", "tune", str(config)]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune's state file kept fresh for the kill
+    first_log = tmp / "first.log"
+    start = time.time()
+    with open(first_log, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        kept: dict[str, dict[str, bytes]] = {}
+        try:
+            deadline = time.time() + 900
+            while time.time() < deadline:
+                states = trial_states(experiment)
+                ids = sorted(states, key=lambda t: t.rsplit("_", 1)[1])
+                if len(ids) == 4 and all(states[t] == "TERMINATED" for t in ids[:3]) and \
+                        "step_00000001" in committed_steps(experiment / "train_runs" / f"trial_{ids[3]}"):
+                    kept = {t: tree(experiment / "train_runs" / f"trial_{t}") for t in ids[:3]}
+                    kept.update({f"tune/{t}": tree(experiment / f"trial_{t}") for t in ids[:3]})
+                    break
+                if proc.poll() is not None:
+                    pytest.fail("the sweep ended before it could be killed:\n"
+                                f"{first_log.read_text()[-4000:]}")
+                time.sleep(0.2)
+            else:
+                pytest.fail(f"trial 3 never reached its step-1 checkpoint:\n{first_log.read_text()[-4000:]}")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    killed_at = time.time() - start
+    states_at_kill = trial_states(experiment)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=900)
+    output = resumed.stdout + resumed.stderr
+    (tmp / "resumed.log").write_text(output)
+    assert resumed.returncode == 0, output[-6000:]
+    print(f"sweep: killed after {killed_at:.0f} s, resumed run took {time.time() - start - killed_at:.0f} s")
+    final = trial_states(experiment)
+    return {"storage": storage, "experiment": experiment, "kept": kept, "states_at_kill": states_at_kill,
+            "ids": sorted(final, key=lambda t: t.rsplit("_", 1)[1]), "final_states": final,
+            "first": first_log.read_text(), "resumed": output,
+            "table": pd.read_csv(experiment / "results" / "results.csv")}
+
+
+def row(sweep, index: int) -> pd.Series:
+    table = sweep["table"]
+    return table[table["trial_id"] == sweep["ids"][index]].iloc[0]
+
+
+def test_asha_stopped_the_weak_trials_early_and_the_next_trial_started(sweep):
+    table = sweep["table"]
+    assert len(table) == 4 and set(table["trial_id"]) == set(sweep["ids"])
+    assert not (table["status"] == "error").any()
+    for i in (0, 1):
+        assert row(sweep, i)["status"] == "completed" and row(sweep, i)["step"] == 4
+    for i in (2, 3):
+        assert row(sweep, i)["status"] == "stopped early" and row(sweep, i)["step"] == 2
+        assert row(sweep, i)[METRIC] < min(row(sweep, 0)[METRIC], row(sweep, 1)[METRIC])
+    # trial 3 ran (it committed a checkpoint before the kill) after trial 2 was stopped: the stopped
+    # trial's worker was released
+    assert sweep["states_at_kill"][sweep["ids"][2]] == "TERMINATED"
+
+
+def test_killed_sweep_resumes_keeping_finished_trials_and_continuing_the_rest(sweep):
+    experiment, ids = sweep["experiment"], sweep["ids"]
+    states = sweep["states_at_kill"]
+    assert [states[t] for t in ids] == ["TERMINATED", "TERMINATED", "TERMINATED", "RUNNING"]
+    assert "resuming the sweep" in sweep["resumed"]
+    # finished trials were not run again: their Train runs and Tune results are byte for byte as at the kill
+    for t in ids[:3]:
+        assert tree(experiment / "train_runs" / f"trial_{t}") == sweep["kept"][t]
+        assert tree(experiment / f"trial_{t}") == sweep["kept"][f"tune/{t}"]
+    # the interrupted trial continued from its checkpoint; ASHA compared it with the finished trials
+    assert f"trial_{ids[3]}/step_00000001 at step 1" in sweep["resumed"]
+    assert "step_00000002" in committed_steps(experiment / "train_runs" / f"trial_{ids[3]}")
+    assert row(sweep, 3)["status"] == "stopped early"
+    assert len(ids) == 4 and set(sweep["final_states"].values()) == {"TERMINATED"}
+
+
+def test_reference_log_probs_were_computed_once_for_all_trials(sweep):
+    assert "reference log-probs: scoring the data once for all trials" in sweep["first"]
+    cache = sweep["storage"] / "reference_cache"
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 2  # train and eval splits
+    for entry in entries:  # one data directory each: no trial (nor the resumed driver) scored again
+        assert (entry / "manifest.json").is_file()
+        assert len([p for p in entry.iterdir() if p.is_dir()]) == 1
+
+
+def test_results_table_best_config_and_plots_are_written(sweep):
+    results = sweep["experiment"] / "results"
+    table = sweep["table"]
+    assert {"optimizer.lr", "lambdas.weights", "loss.beta", "lambda_0", "lambda_3", METRIC,
+            f"best {METRIC}", "eval/loss"} <= set(table.columns)
+    assert table.iloc[0]["optimizer.lr"] == pytest.approx(1e-3)  # best first
+    assert "stopped early" in sweep["resumed"] and "results table:" in sweep["resumed"]
+    best = load_config(results / "best_config.yaml")
+    assert best.optimizer.lr == pytest.approx(1e-3)
+    assert best.loss.beta == pytest.approx(table.iloc[0]["loss.beta"])
+    assert best.tune.search_space == {} and best.checkpoint.run_name == "e2e-best"
+    for name in ("metric_vs_loss.beta.png", "metric_vs_optimizer.lr.png", "metric_vs_lambda.png"):
+        assert (results / name).read_bytes()[:8] == PNG, name
+
+
+def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluster, tiny_model_dir, tmp_path):
+    from raypo.lambdas import from_results_table
+    from raypo.train.trainer import run_training
+
+    table_path = sweep["experiment"] / "results" / "results.csv"
+    learned = ["lambdas.schedule=learned", f"lambdas.learned.results_path={table_path}",
+               f"lambdas.learned.score_column={METRIC}", "lambdas.learned.degree=1",
+               "lambdas.learned.num_candidates=4", "lambdas.learned.temperature=0.1", "lambdas.seed=0"]
+    cfg = load_config(None, [
+        f"model.path={tiny_model_dir}", "model.dtype=float32", "loss.name=lambda_dpo", "loss.beta=0.1",
+        "data.train_path=synthetic://default?num_prompts=16&seed=1", "data.eval_fraction=0.0",
+        "data.max_prompt_length=64", "data.max_response_length=32", "train.micro_batch_size=4",
+        "train.max_steps=2", "scaling.num_workers=1", "logging.tensorboard=false",
+        f"checkpoint.storage_path={tmp_path}", "checkpoint.run_name=learned", *learned])
+    result = run_training(cfg)
+    assert result.metrics["step"] == 2
+    state = json.loads((Path(result.checkpoint) / "raypo_state.json").read_text())["lambda_state"]
+    assert state["schedule"] == "learned"
+    fitted = from_results_table(str(table_path), [f"lambda_{k}" for k in range(4)], METRIC, degree=1,
+                                num_candidates=4, temperature=0.1, seed=0)
+    assert state["candidates"] == pytest.approx(fitted.candidates.tolist())
+    assert state["probs"] == pytest.approx(fitted.probs.tolist())
+    assert state["num_samples"] == 2  # one lambda draw per step
