@@ -6,7 +6,7 @@
 
     load + validate CONFIG (every trial config is checked before anything starts)
       | plan_sweep                 name, storage, search space -> ray.tune domains
-      | prepare_shared_reference   tokenised data + reference log-probs, computed ONCE into a Parquet cache
+      | prepare_shared_reference   reference log-probs computed ONCE into raypo.train.reference_cache
       | Tuner(run_trial) / Tuner.restore(...)
       |     run_trial: trial config = base + sampled overrides; build_trainer(..., TuneReportCallback) .fit()
       | results_table              one row per trial: config, status, last and best metric
@@ -32,8 +32,10 @@ Search space (``tune.search_space``)
     uniform vector (the seed paper's probes) and ``num`` seeded Dirichlet(``concentration``) draws; m is
     ``dims``, else ``len(data.dimensions)``, else 4 for ``synthetic://`` data. A mapping value (a bundle) is
     merged key by key, so options that belong together (a loss and its parameters) are sampled together.
-    ``num_samples`` repeats every grid point (Tune's rule): trials = num_samples x product of grid sizes.
-    Each dimension becomes one column of the results table, named by its key.
+    ``num_samples`` repeats every grid point (Tune's rule): trials = num_samples x product of grid sizes
+    (Tune expands grids with the alphabetically first key varying fastest). Each dimension becomes one
+    column of the results table, named by its key. A key given twice (flat in the file, nested from the
+    command line) takes the later one.
 
 Scheduling
     ASHA's time attribute is the optimizer ``step`` the training loop reports, not Tune's
@@ -44,7 +46,8 @@ Scheduling
     check) and ASHA decides at evaluations: with an ``eval/`` metric, set ``train.eval_every`` and make
     ``tune.grace_period`` a multiple of it. A trial stopped by ASHA is killed with its Train controller;
     Ray Train's placement-group cleaner releases its workers (this needs ``ray[default]``, i.e. the State
-    API), so the next trial can start.
+    API, and a cluster address it can find: :func:`raypo.train.trainer.init_ray` pins it), so the next
+    trial can start.
 
 Shared reference log-probs
     When ``tune.share_reference`` (default), some loss of the sweep uses a reference, and the search space
@@ -63,8 +66,9 @@ Resume
     resume_unfinished=True, resume_errored=True)``: finished trials keep their results; unfinished ones run
     again with the same trial ids, and since each trial's Train run is named after its trial id
     (``trial_<id>`` under ``<sweep>/train_runs``), the rerun resumes from that run's latest checkpoint
-    (``checkpoint.every_steps``). The resolved config is stored as ``<sweep>/raypo_sweep.yaml``; resuming
-    with a different one is refused.
+    (``checkpoint.every_steps``). Tune does not keep the scheduler's state, so ASHA replays each finished
+    trial's reported history into its rungs when the restored sweep re-adds it. The resolved config is
+    stored as ``<sweep>/raypo_sweep.yaml``; resuming with a different one is refused.
 """
 
 from __future__ import annotations
@@ -574,10 +578,6 @@ class Sweep:
     def config_uri(self) -> str:
         return f"{self.uri}/raypo_sweep.yaml"
 
-    @property
-    def reference_cache_root(self) -> str:
-        return f"{self.storage.rstrip('/')}/reference_cache"
-
     def tune_location(self) -> tuple[str, Any]:
         """(experiment path, pyarrow filesystem or None) for ``Tuner.restore`` / ``can_restore``."""
         from raypo.train.trainer import storage_location
@@ -719,16 +719,27 @@ def prepare_shared_reference(sweep: Sweep) -> Optional[str]:
         return None
     cfg = sweep.cfg
     cache_dir = reference_cache_dir(sweep)
-    print(f"raypo: reference log-probs: scoring the data once for all trials (cache {cache_dir})", flush=True)
+    print(f"raypo: reference log-probs: preparing them once for all trials (cache {cache_dir})", flush=True)
     start = time.time()
+    before = _cache_entries(cache_dir, cfg.data.s3)
     policy_path, ref_path = resolve_model_paths(cfg)
     train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer_path=policy_path)
     print(report.format(), flush=True)
     for ds in (train_ds, eval_ds):
         if ds.count():
             cached_reference_logprobs(ds, cfg, ref_path, cache_dir, with_entropy=with_entropy)
-    print(f"raypo: reference log-probs: ready in {time.time() - start:.1f} s", flush=True)
+    new = len(_cache_entries(cache_dir, cfg.data.s3) - before)
+    how = f"computed {new} cache entries" if new else "found in the cache"
+    print(f"raypo: reference log-probs: {how} in {time.time() - start:.1f} s", flush=True)
     return cache_dir
+
+
+def _cache_entries(cache_dir: str, s3_cfg: Any) -> set[str]:
+    """The complete entries (with a manifest) of a reference cache directory."""
+    from raypo.data.io import fsspec_for
+
+    fs = fsspec_for(cache_dir, s3_cfg)
+    return set(fs.glob(f"{cache_dir.rstrip('/')}/*/manifest.json")) if fs.exists(cache_dir) else set()
 
 
 # ----------------------------------------------------------------------------------------------------

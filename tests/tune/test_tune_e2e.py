@@ -9,19 +9,22 @@ trial at a time (Tune expands grids with the alphabetically first key, lambdas.w
     trial 1  lambda Dirichlet, lr 1e-3   learns
     trial 2  lambda uniform,   lr 1e-30  cannot move: accuracy 0 at step 2 < ASHA's cutoff -> stopped early
     trial 3  lambda Dirichlet, lr 1e-30  the driver is killed (process group) once its step-1 checkpoint is
-                                         committed; after --resume it continues from that checkpoint and
-                                         ASHA stops it at step 2 (its rungs were replayed from trials 0-2)
+                                         committed; after --resume it continues from its latest checkpoint
 
 ASHA (time attribute = step, grace period 2, reduction factor 2) compares trials at the evaluations of
 steps 2 and 4. Trial 3 starting at all after trial 2 was stopped shows that the stopped trial's worker was
 released (Ray Train's placement-group cleaner). ``--resume`` must keep trials 0-2 as they are and continue
-trial 3 from its checkpoint.
+trial 3 from its checkpoint. Killing the driver's process group takes down the GCS and raylet at once, but
+the trial's Train controller and worker notice only after a moment and may commit one more step: trial 3
+resumes from step 1 or 2. From step 1 its step-2 evaluation is compared with the rungs ASHA replayed from
+trials 0-2 and it is stopped there; from step 2 it runs to the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +32,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -160,9 +164,8 @@ def test_asha_stopped_the_weak_trials_early_and_the_next_trial_started(sweep):
     assert not (table["status"] == "error").any()
     for i in (0, 1):
         assert row(sweep, i)["status"] == "completed" and row(sweep, i)["step"] == 4
-    for i in (2, 3):
-        assert row(sweep, i)["status"] == "stopped early" and row(sweep, i)["step"] == 2
-        assert row(sweep, i)[METRIC] < min(row(sweep, 0)[METRIC], row(sweep, 1)[METRIC])
+    assert row(sweep, 2)["status"] == "stopped early" and row(sweep, 2)["step"] == 2
+    assert row(sweep, 2)[METRIC] < min(row(sweep, 0)[METRIC], row(sweep, 1)[METRIC])
     # trial 3 ran (it committed a checkpoint before the kill) after trial 2 was stopped: the stopped
     # trial's worker was released
     assert sweep["states_at_kill"][sweep["ids"][2]] == "TERMINATED"
@@ -177,15 +180,19 @@ def test_killed_sweep_resumes_keeping_finished_trials_and_continuing_the_rest(sw
     for t in ids[:3]:
         assert tree(experiment / "train_runs" / f"trial_{t}") == sweep["kept"][t]
         assert tree(experiment / f"trial_{t}") == sweep["kept"][f"tune/{t}"]
-    # the interrupted trial continued from its checkpoint; ASHA compared it with the finished trials
-    assert f"trial_{ids[3]}/step_00000001 at step 1" in sweep["resumed"]
-    assert "step_00000002" in committed_steps(experiment / "train_runs" / f"trial_{ids[3]}")
-    assert row(sweep, 3)["status"] == "stopped early"
+    # the interrupted trial continued from its latest checkpoint
+    resumed_at = re.search(rf"trial_{ids[3]}/step_0000000(\d) at step (\d)", sweep["resumed"])
+    assert resumed_at and resumed_at.group(1) == resumed_at.group(2) and int(resumed_at.group(1)) >= 1
+    if resumed_at.group(1) == "1":  # its step-2 evaluation met the rungs replayed from trials 0-2
+        assert row(sweep, 3)["status"] == "stopped early" and row(sweep, 3)["step"] == 2
+    else:
+        assert row(sweep, 3)["status"] == "completed" and row(sweep, 3)["step"] == 4
     assert len(ids) == 4 and set(sweep["final_states"].values()) == {"TERMINATED"}
 
 
 def test_reference_log_probs_were_computed_once_for_all_trials(sweep):
-    assert "reference log-probs: scoring the data once for all trials" in sweep["first"]
+    assert "reference log-probs: computed 2 cache entries" in sweep["first"]
+    assert "reference log-probs: found in the cache" in sweep["resumed"]
     cache = sweep["storage"] / "reference_cache"
     entries = [p for p in cache.iterdir() if p.is_dir()]
     assert len(entries) == 2  # train and eval splits
@@ -229,6 +236,7 @@ def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluste
     assert state["schedule"] == "learned"
     fitted = from_results_table(str(table_path), [f"lambda_{k}" for k in range(4)], METRIC, degree=1,
                                 num_candidates=4, temperature=0.1, seed=0)
-    assert state["candidates"] == pytest.approx(fitted.candidates.tolist())
-    assert state["probs"] == pytest.approx(fitted.probs.tolist())
+    np.testing.assert_allclose(state["candidates"], fitted.candidates, rtol=1e-12)
+    np.testing.assert_allclose(state["probs"], fitted.probs, rtol=1e-9)
+    np.testing.assert_allclose(state["weights"], fitted.weights, rtol=1e-9, atol=1e-12)
     assert state["num_samples"] == 2  # one lambda draw per step

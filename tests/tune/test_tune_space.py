@@ -377,3 +377,42 @@ def test_optuna_search_takes_the_space_and_a_missing_searcher_names_the_fix(tmp_
     hyper = load(tmp_path, "search_space:\n  loss.beta: {loguniform: [0.01, 0.5]}\nsearch_alg: hyperopt\n")
     with pytest.raises(ConfigError, match="needs the hyperopt package on the driver: pip install hyperopt"):
         _search_algorithm(hyper)
+
+
+def test_asha_rungs_are_replayed_from_finished_trials_after_a_restore(tmp_path):
+    """Tune's experiment state keeps the trials but not the scheduler: after Tuner.restore the finished
+    trials are re-added, and raypo's ASHA replays their reported history into its rungs."""
+    import json as _json
+    from types import SimpleNamespace
+
+    from pyarrow import fs
+
+    from raypo.tune import _scheduler
+
+    cfg = load(tmp_path, "search_space:\n  loss.beta: {loguniform: [0.01, 0.5]}\ngrace_period: 5\n")
+    metric = cfg.tune.metric
+
+    def finished(trial_id: str, history: list[tuple[int, float]]):
+        path = tmp_path / trial_id
+        path.mkdir()
+        lines = [_json.dumps({"step": s, metric: m}) + "\n" for s, m in history]
+        (path / "result.json").write_text("".join(lines))
+        return SimpleNamespace(trial_id=trial_id, status="TERMINATED", path=str(path), last_result={},
+                               storage=SimpleNamespace(storage_filesystem=fs.LocalFileSystem()))
+
+    def resumed_scheduler(replay: bool):
+        sched = _scheduler(cfg)
+        if not replay:
+            from ray.tune.schedulers import AsyncHyperBandScheduler
+
+            sched = AsyncHyperBandScheduler(time_attr="step", max_t=20, grace_period=5, reduction_factor=2)
+        sched.set_search_properties(metric, "max")
+        for i, score in enumerate((0.8, 0.9)):
+            history = [(0, 0.0), (5, score), (10, score), (20, score)]
+            sched.on_trial_add(None, finished(f"t{i}{replay}", history))
+        new = SimpleNamespace(trial_id=f"new{replay}", status="PENDING")
+        sched.on_trial_add(None, new)
+        return sched.on_trial_result(None, new, {"step": 5, metric: 0.1})
+
+    assert resumed_scheduler(replay=True) == "STOP"  # compared with the finished trials' step-5 scores
+    assert resumed_scheduler(replay=False) == "CONTINUE"  # plain ASHA forgot them
