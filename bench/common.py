@@ -1,11 +1,14 @@
 """Shared pieces of the benchmarks: the model, random listwise data, interleaved timing, peak memory.
 
 Timing. Variants that are compared are timed in one process, interleaved round by round (the order
-alternates every round), after one warm-up round. A time is the best (minimum) over rounds, and a ratio
-the ratio of the best times: other jobs on the machine only ever add time, so the minimum is the least
-disturbed run (as ``timeit`` recommends); the median and range of the per-round ratios are reported next
-to it to show the noise. torch runs on one thread: the machine's two cores are shared with other jobs, and
-two OpenMP threads that must meet at every op's barrier are much slower and noisier there than one.
+alternates every round), after one warm-up round. Times are the process's CPU time
+(``time.process_time``, :func:`clock`), not wall time: the two cores are shared with other jobs, whose
+load (a 1-minute load average of 2-8 during these runs) stretches wall times by 1-3x at random, while the
+CPU time a single-threaded computation consumes barely moves (cache and SMT-sibling contention remain).
+A time is the best (minimum) over rounds and a ratio the ratio of the best times (as ``timeit``
+recommends: disturbances only add time); the median and range of the per-round ratios are reported next
+to it to show the remaining noise. torch runs on one thread: two OpenMP threads that must meet at every
+op's barrier are much slower and noisier on shared cores than one.
 
 Peak memory. torch's CPU tensors bypass tracemalloc, and the process's peak RSS includes imports and the
 model. Each measurement runs in a fresh process (:func:`peak_in_subprocess`, forked from a server that
@@ -40,6 +43,11 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", 
               "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
               "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 MiB = 2**20
+
+
+def clock() -> float:
+    """Seconds of CPU time used by this process (all threads); see the module docstring."""
+    return time.process_time()
 
 
 @dataclass(frozen=True)
@@ -132,15 +140,16 @@ def ragged_rows(num_groups: int, n: int, prompt_mean: int, response_mean: int, v
 
 def interleaved_times(variants: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1
                       ) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one call per variant per round, the order reversed every round."""
+    """CPU seconds per call of each variant, one call per variant per round, the order reversed every
+    round."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             gc.collect()
-            start = time.perf_counter()
+            start = clock()
             variants[name]()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if r >= warmup:
                 times[name].append(elapsed)
     return times

@@ -117,7 +117,7 @@ def run_case(model, shape: ModelShape, n: int, p: int, r: int, *, rounds: int, m
     return row
 
 
-def run(smoke: bool = False, rounds: int = 5, memory: str = "subprocess") -> dict:
+def run(smoke: bool = False, rounds: int = 4, memory: str = "subprocess") -> dict:
     """The N x (P/R) grid on the bench model, plus the N = 8, P/R = 4 point with a 32k vocabulary."""
     setup_torch(1)
     shape = BENCH_MODEL
@@ -140,7 +140,7 @@ def run(smoke: bool = False, rounds: int = 5, memory: str = "subprocess") -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round (a few seconds)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
     print(json.dumps(run(args.smoke, args.rounds, "off" if args.no_memory else "subprocess"), indent=1))

@@ -1,7 +1,8 @@
 """Run every benchmark, check the targets, write ``results.json`` and ``results.md``.
 
     python -m bench.run_all                 # full run (~10-15 minutes on 2 shared CPU cores)
-    python -m bench.run_all --smoke         # tiny sizes, seconds; checks that every benchmark runs
+    python -m bench.run_all --smoke         # tiny sizes, seconds; checks that every benchmark runs (output
+                                            # in a temporary directory unless --out is given)
     python -m bench.run_all --only prefix_sharing head
 
 Targets (docs/performance.md):
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 
 from bench import common
@@ -184,7 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every benchmark runs")
     parser.add_argument("--only", nargs="*", choices=BENCHES, default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=None,
+                        help="output directory (default bench/results; a temporary directory with --smoke)")
     args = parser.parse_args()
     common.setup_torch(1)
     results: dict = {"environment": common.environment(), "smoke": args.smoke}
@@ -195,6 +198,9 @@ def main() -> None:
         results[name]["_seconds"] = time.perf_counter() - start
         print(f"[bench] {name} done in {results[name]['_seconds']:.0f} s", flush=True)
     results["targets"] = check_targets(results)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="raypo-bench-smoke-") if args.smoke else \
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(args.out, exist_ok=True)
     stem = "smoke" if args.smoke else "results"
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
@@ -203,6 +209,7 @@ def main() -> None:
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(markdown + "\n")
     print(markdown)
+    print(f"[bench] wrote {os.path.join(args.out, stem)}.json and .md", flush=True)
 
 
 if __name__ == "__main__":
