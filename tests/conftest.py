@@ -43,6 +43,19 @@ S3_ENDPOINT = S3Endpoint(endpoint_url=f"http://127.0.0.1:{_free_port()}", bucket
 S3_ENDPOINT.export_environment()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_zero3_after_module():
+    """transformers keeps a process-global weakref to the last ``HfDeepSpeedConfig``; a module that built
+    a ZeRO-3 engine in this process must not make a later module's ``from_pretrained`` build a
+    partitioned (empty) model."""
+    yield
+    import sys
+
+    hf_ds = sys.modules.get("transformers.integrations.deepspeed")
+    if hf_ds is not None:
+        hf_ds.unset_hf_deepspeed_config()
+
+
 @pytest.fixture(scope="session")
 def s3() -> S3Endpoint:
     server = start_moto_server(S3_ENDPOINT)
