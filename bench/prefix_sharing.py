@@ -5,8 +5,9 @@ One group, one prompt of P tokens and N responses of R tokens; the policy's per-
 :mod:`raypo.packing`:
 
     shared:         one row [prompt | r_1 | ... | r_N], dense block mask (sdpa)     tokens P + N R
+                    (``model.attention: sdpa``)
     shared_blocks:  the same row, attention on the allowed blocks only              tokens P + N R
-                    (``model.attention: prefix_sdpa``, :mod:`raypo.attention`)
+                    (``prefix_sdpa``, :mod:`raypo.attention`; the default, ``auto``)
     unshared:       N rows [prompt | r_i] (sdpa, causal + padding)                   tokens N (P + R)
 
 Ideal speedup (token count): rho = N (P + R) / (P + N R). The log-prob head runs on the N R response

@@ -4,6 +4,8 @@
     python -m bench.run_all --smoke         # tiny sizes, seconds; checks that every benchmark runs (output
                                             # in a temporary directory unless --out is given)
     python -m bench.run_all --only prefix_sharing head
+    python -m bench.run_all --docs          # full run, and the results also replace the tables in
+                                            # docs/performance.md (below its RESULTS_MARKER line)
 
 Targets (docs/performance.md):
 
@@ -53,7 +55,8 @@ def check_targets(results: dict) -> list[dict]:
     ps = results.get("prefix_sharing")
     if ps:
         point = [r for r in ps["rows"] if r["n"] == 8 and r["p_over_r"] == 4.0]
-        for suffix, label in (("", "dense mask (sdpa, default)"), ("_blocks", "prefix_sdpa")):
+        labels = (("", "dense mask (model.attention=sdpa)"), ("_blocks", "prefix_sdpa (the default, auto)"))
+        for suffix, label in labels:
             if point:
                 value = point[0]["of_rho" + suffix]
                 out.append({"target": f"shared fwd+bwd speedup / rho at N=8, P/R=4, {label}", "value": value,
@@ -104,8 +107,9 @@ def md_prefix_sharing(res: dict) -> str:
               "speedup (median; range)", "speedup/rho", "blocks s", "blocks speedup (median; range)",
               "blocks speedup/rho", "unshared peak MiB", "shared peak MiB", "blocks peak MiB"]
     rows = [_ps_row(r) for r in res["rows"] + res.get("vocab_32k", [])]
-    return (f"Model: {res['model']}. shared = dense block mask (sdpa, the default); blocks = "
-            "model.attention=prefix_sdpa\n\n" + _table(header, rows))
+    return (f"Model: {res['model']}. shared = dense block mask (model.attention=sdpa); blocks = "
+            "prefix_sdpa, attention on the allowed blocks only (the default: model.attention=auto)\n\n"
+            + _table(header, rows))
 
 
 def _head_row(r: dict) -> list[str]:
@@ -182,13 +186,33 @@ def to_markdown(results: dict) -> str:
     return "\n".join(parts)
 
 
+RESULTS_MARKER = "<!-- python -m bench.run_all --docs writes everything below this line -->"
+DOCS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
+
+
+def write_docs(markdown: str, path: str = DOCS_PATH) -> None:
+    """Replace what follows :data:`RESULTS_MARKER` in ``path`` with ``markdown``, its title made a section."""
+    with open(path) as f:
+        text = f.read()
+    if RESULTS_MARKER not in text:
+        raise ValueError(f"{path} has no line {RESULTS_MARKER!r}; add it where the results should start")
+    head = text.split(RESULTS_MARKER)[0]
+    body = markdown.replace("\n## ", "\n### ").replace("# raypo benchmarks (", "## Latest run (", 1)
+    with open(path, "w") as f:
+        f.write(head + RESULTS_MARKER + "\n\n" + body + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every benchmark runs")
     parser.add_argument("--only", nargs="*", choices=BENCHES, default=None)
     parser.add_argument("--out", default=None,
                         help="output directory (default bench/results; a temporary directory with --smoke)")
+    parser.add_argument("--docs", action="store_true",
+                        help="also write the results into docs/performance.md (not with --smoke)")
     args = parser.parse_args()
+    if args.docs and args.smoke:
+        parser.error("--docs records a full run; drop --smoke")
     common.setup_torch(1)
     results: dict = {"environment": common.environment(), "smoke": args.smoke}
     for name in args.only or BENCHES:
@@ -210,6 +234,9 @@ def main() -> None:
         f.write(markdown + "\n")
     print(markdown)
     print(f"[bench] wrote {os.path.join(args.out, stem)}.json and .md", flush=True)
+    if args.docs:
+        write_docs(markdown)
+        print(f"[bench] wrote the results into {DOCS_PATH}", flush=True)
 
 
 if __name__ == "__main__":

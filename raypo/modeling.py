@@ -71,12 +71,13 @@ def parse_dtype(name: str | torch.dtype, *, device: str | torch.device | None = 
 def hf_attn_implementation(attention: str, *, prefix_sharing: bool) -> str:
     """raypo's ``model.attention`` -> transformers' ``attn_implementation``.
 
-    ``auto`` is ``sdpa``: it takes the dense prefix-sharing mask on CPU and GPU alike. ``prefix_sdpa``
-    (:mod:`raypo.attention`: SDPA on the allowed blocks only) and ``flex`` (block-sparse mask, GPU) are
-    opt-in. Flash-attention kernels take no custom mask, so they need ``prefix_sharing=false``.
+    ``auto`` is ``prefix_sdpa`` with prefix sharing (:mod:`raypo.attention`: SDPA on the allowed blocks
+    only, attention cost P^2 + sum_i R_i (P + R_i) instead of the dense mask's L^2; exact, on CPU and GPU
+    alike) and ``sdpa`` without it. ``sdpa``/``eager`` (dense block mask) and ``flex`` (block-sparse mask,
+    GPU) are opt-in. Flash-attention kernels take no custom mask, so they need ``prefix_sharing=false``.
     """
     if attention == "auto":
-        return "sdpa"
+        attention = "prefix_sdpa" if prefix_sharing else "sdpa"
     if attention not in _ATTENTION:
         raise ValueError(f"model.attention={attention!r} is not supported; use auto, eager, sdpa, "
                          "prefix_sdpa, flex or flash_attention_2")
@@ -283,8 +284,8 @@ def apply_lora(model: nn.Module, lora) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
-        raise ImportError("model.lora.enabled=true needs the `peft` package: pip install 'raypo[gpu]' "
-                          "(or pip install peft)") from err
+        raise ImportError("model.lora.enabled=true needs the `peft` package (a dependency of raypo): "
+                          "pip install 'peft>=0.21'") from err
     targets = list(lora.target_modules)
     if "lm_head" in targets:
         raise ValueError("model.lora.target_modules must not contain lm_head (the chunked log-prob head "

@@ -37,3 +37,19 @@ def test_peak_memory_method_reads_a_known_allocation(monkeypatch):
 
     result = peak_in_subprocess("bench.common", {"mib": 64})
     assert 60 <= result["peak_mib"] <= 72, result
+
+
+def test_docs_results_section_is_replaced_below_the_marker(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.run_all import RESULTS_MARKER, write_docs
+
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\nmethod text\n\n{RESULTS_MARKER}\n\n## Latest run (old)\n\nstale table\n")
+    assert RESULTS_MARKER in (ROOT / "docs" / "performance.md").read_text()  # the real doc has its marker
+    write_docs("# raypo benchmarks (2026-11-22)\n\n## Targets\n\n| a |\n", path=str(doc))
+    text = doc.read_text()
+    assert text.startswith("# Performance\n\nmethod text\n\n") and "stale table" not in text
+    assert "## Latest run (2026-11-22)" in text and "\n### Targets\n" in text
+    doc.write_text("# no marker\n")
+    with pytest.raises(ValueError, match="no line"):
+        write_docs("# raypo benchmarks (x)\n", path=str(doc))

@@ -35,7 +35,9 @@ def test_parse_dtype():
 
 
 def test_attention_choice():
-    assert hf_attn_implementation("auto", prefix_sharing=True) == "sdpa"
+    assert hf_attn_implementation("auto", prefix_sharing=True) == "raypo_prefix_sdpa"
+    assert hf_attn_implementation("auto", prefix_sharing=False) == "sdpa"
+    assert hf_attn_implementation("sdpa", prefix_sharing=True) == "sdpa"
     assert hf_attn_implementation("flex", prefix_sharing=True) == "flex_attention"
     assert hf_attn_implementation("flash_attention_2", prefix_sharing=False) == "flash_attention_2"
     with pytest.raises(ValueError, match="prefix_sharing=false"):
