@@ -187,7 +187,8 @@ def to_markdown(results: dict) -> str:
 
 
 RESULTS_MARKER = "<!-- python -m bench.run_all --docs writes everything below this line -->"
-DOCS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS_PATH = os.path.join(REPO_ROOT, "docs", "performance.md")
 
 
 def write_docs(markdown: str, path: str = DOCS_PATH) -> None:

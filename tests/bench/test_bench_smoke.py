@@ -44,7 +44,8 @@ def test_docs_results_section_is_replaced_below_the_marker(monkeypatch, tmp_path
     from bench.run_all import RESULTS_MARKER, write_docs
 
     doc = tmp_path / "performance.md"
-    doc.write_text(f"# Performance\n\nmethod text\n\n{RESULTS_MARKER}\n\n## Latest run (old)\n\nstale table\n")
+    doc.write_text(f"# Performance\n\nmethod text\n\n{RESULTS_MARKER}\n\n"
+                   "## Latest run (old)\n\nstale table\n")
     assert RESULTS_MARKER in (ROOT / "docs" / "performance.md").read_text()  # the real doc has its marker
     write_docs("# raypo benchmarks (2026-11-22)\n\n## Targets\n\n| a |\n", path=str(doc))
     text = doc.read_text()

@@ -1,5 +1,6 @@
 """``tune.search_alg: optuna`` and ``hyperopt`` on a real Ray Tune run: raypo's search space goes through
-the searcher, the suggestions respect it, ASHA and the metric/mode wiring work with it, and the results table reads the trials.
+the searcher, the suggestions respect it, ASHA and the metric/mode wiring work with it, and the results
+table reads the trials.
 
 Each trial here is a stand-in for a training run (a function reporting a metric that rises with beta), so
 the test costs seconds; tests/tune/test_tune_e2e.py runs real training trials with the default searcher.
@@ -62,7 +63,8 @@ def test_searcher_drives_a_real_tune_run_with_asha(search_alg, ray_cluster, tmp_
     assert len(grid) == 6 and not grid.errors
     experiment = tmp_path / "sweeps" / search_alg
     # Tune saves a searcher's state only for a real search algorithm (random/grid save "basic-variant-state")
-    assert list(experiment.glob("searcher-state-*.pkl")) and not list(experiment.glob("basic-variant-state-*"))
+    assert list(experiment.glob("searcher-state-*.pkl"))
+    assert not list(experiment.glob("basic-variant-state-*"))
     points = [(r.config["loss.beta"], r.config["loss.name"]) for r in grid]
     assert all(0.01 <= beta <= 0.5 and name in ("dpo", "ipo") for beta, name in points)
     assert len({beta for beta, _ in points}) == 6  # sampled by the searcher, not a grid
