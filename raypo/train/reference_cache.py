@@ -193,11 +193,14 @@ def stage_settings(cfg: RaypoConfig, with_entropy: bool | None = None) -> dict[s
     """The reference stage's settings that change its values: entropies (None: when ``cfg.loss`` needs a
     dispersion), dtype, attention, layout."""
     from raypo.losses.registry import get_loss_spec
+    from raypo.modeling import hf_attn_implementation
     from raypo.train.loop import worker_dtype
 
     if with_entropy is None:
         with_entropy = get_loss_spec(cfg.loss.name).needs_dispersion
-    return {"with_entropy": bool(with_entropy), "dtype": worker_dtype(cfg), "attention": cfg.model.attention,
+    # the resolved backend, so a cache made under an older meaning of ``auto`` is not reused
+    attention = hf_attn_implementation(cfg.model.attention, prefix_sharing=cfg.model.prefix_sharing)
+    return {"with_entropy": bool(with_entropy), "dtype": worker_dtype(cfg), "attention": attention,
             "prefix_sharing": bool(cfg.model.prefix_sharing)}
 
 

@@ -181,3 +181,14 @@ def test_s3_cache(ray_cluster, s3, tiny_model_dir, tokenized_rows, tmp_s3_prefix
     first = _ref_values(cached_reference_logprobs(_dataset(rows), cfg, str(tiny_model_dir), tmp_s3_prefix))
     second = _ref_values(cached_reference_logprobs(_dataset(rows), cfg, str(tiny_model_dir), tmp_s3_prefix))
     assert len(count_reference_runs) == 1 and first == second
+
+
+def test_stage_settings_key_the_resolved_attention_backend():
+    from raypo.config import load_config
+    from raypo.train.reference_cache import stage_settings
+
+    shared = stage_settings(load_config(None, ["model.attention=auto"]), with_entropy=False)
+    assert shared["attention"] == "raypo_prefix_sdpa"  # what auto means with prefix sharing
+    assert stage_settings(load_config(None, ["model.attention=prefix_sdpa"]), False) == shared
+    unshared = stage_settings(load_config(None, ["model.prefix_sharing=false"]), with_entropy=False)
+    assert unshared["attention"] == "sdpa" and not unshared["prefix_sharing"]
