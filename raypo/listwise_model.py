@@ -14,9 +14,9 @@ Attention backends for the shared layout (``config._attn_implementation`` of the
 * ``sdpa``: dense boolean mask [R, 1, L, L] (SDPA's flash kernel takes no arbitrary mask, so it runs the
   memory-efficient or math kernel; the mask costs R*L^2 bytes). Opt-in (``model.attention: sdpa``).
 * ``raypo_prefix_sdpa`` (``model.attention: prefix_sdpa``, and the default ``auto`` with prefix sharing):
-  no dense mask; a [R, 1, 2, L] structure mask
-  from which :mod:`raypo.attention` computes only the allowed blocks (prompt causal, each response on
-  [prompt | itself]) with batched SDPA: attention cost P^2 + sum_i R_i (P + R_i) instead of L^2.
+  no dense mask; a [R, 1, 2, L] structure mask from which :mod:`raypo.attention` computes only the allowed
+  blocks (prompt causal, each response on [prompt | itself]) with batched SDPA: attention cost
+  P^2 + sum_i R_i (P + R_i) instead of L^2.
 * ``flex_attention``: a FlexAttention ``BlockMask`` from :func:`raypo.packing.prefix_sharing_mask_mod`
   (GPU; block-sparse, so masked-out response pairs cost nothing). Only its forward is checked, on CPU (an
   integration test); its backward and the GPU kernels have not been run.
