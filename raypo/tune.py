@@ -883,7 +883,7 @@ def _search_algorithm(cfg: RaypoConfig):
         return HyperOptSearch(random_state_seed=cfg.train.seed)
     except ImportError as exc:
         raise ConfigError([f"tune.search_alg={name} needs the {name} package on the driver: pip install "
-                           f"{name} (or use tune.search_alg=random)"]) from exc
+                           f"{name} (or pip install 'raypo[tune]', or use tune.search_alg=random)"]) from exc
 
 
 def param_space(dims: list[SearchDim]) -> dict[str, Any]:
