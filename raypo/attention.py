@@ -10,7 +10,8 @@ thrown away, so at N = 16 the shared row's attention costs as much as the N unsh
     response i:                  q = r_i,  k = v = [prompt | r_i]   bottom-right causal  cost R_i (P + R_i)
 
 each as a batched ``scaled_dot_product_attention`` over gathered tokens (the prompt's keys and values are
-gathered once per response, "KV expansion"; padded to the longest prompt / response with a boolean mask),
+gathered once per response, "KV expansion"; padded at the end to the longest block with a boolean mask, so
+a group's values do not depend, bit for bit, on the groups batched with it),
 and writes the outputs back to their row positions; padding positions get 0. The allowed (query, key) pairs
 are exactly those of :func:`raypo.packing.prefix_sharing_mask`, so the values equal the dense path up to
 float rounding (tests/model/test_prefix_sharing.py runs its float64 and bitwise checks on both).
@@ -107,22 +108,34 @@ def _prompt_blocks(prompts, length: int, device) -> _Blocks | None:
 
 
 def _response_blocks(responses, length: int, device) -> _Blocks | None:
+    """Response i's keys are gathered contiguously, ``[prompt | r_i]``, and padded at the end only.
+
+    Why not ``[prompt padded to the longest prompt | r_i]``: padding in the middle of the keys shifts the
+    real keys by an amount that depends on the other groups in the batch, which changes how the kernel
+    blocks its sums and so the last bits of the result. With trailing padding a group's log-probs are the
+    same bit for bit whatever it is batched with, so precomputed reference log-probs (scored in other
+    batches) give exactly zero rewards at step 0.
+    """
     if not responses:
         return None
-    p_width = max(r[2] for r in responses)
     r_width = max(r[4] for r in responses)
-    tp, tr = torch.arange(p_width), torch.arange(r_width)
+    kv_width = max(r[2] + r[4] for r in responses)
+    tr, tk = torch.arange(r_width), torch.arange(kv_width)
     row_base = torch.tensor([row * length for row, *_ in responses])[:, None]
     p_start = torch.tensor([r[1] for r in responses])[:, None]
     p_len = torch.tensor([r[2] for r in responses])[:, None]
     r_start = torch.tensor([r[3] for r in responses])[:, None]
     r_len = torch.tensor([r[4] for r in responses])[:, None]
-    p_valid, r_valid = tp[None] < p_len, tr[None] < r_len  # [M, Pw], [M, Rw]
+    r_valid = tr[None] < r_len  # [M, Rw]
     q_index = row_base + r_start + torch.where(r_valid, tr[None], 0)
-    kv_index = torch.cat([row_base + p_start + torch.where(p_valid, tp[None], 0), q_index], dim=1)
-    own = (tr[None, :] <= tr[:, None])[None] & r_valid[:, None, :]  # [M, Rw(q), Rw(k)]: causal, own response
-    mask = torch.cat([p_valid[:, None, :].expand(-1, r_width, -1), own], dim=2)
-    first_key = torch.zeros(p_width + r_width, dtype=torch.bool)
+    in_prompt = tk[None] < p_len  # [M, Kw]
+    k_resp = tk[None] - p_len  # key position inside the response (negative in the prompt)
+    in_resp = (k_resp >= 0) & (k_resp < r_len)
+    kv_index = row_base + torch.where(in_prompt, p_start + tk[None],
+                                      torch.where(in_resp, r_start + k_resp.clamp_min(0), 0))
+    causal = k_resp[:, None, :] <= tr[None, :, None]  # [M, Rw(q), Kw]: a response key at or before q
+    mask = in_prompt[:, None, :] | (in_resp[:, None, :] & causal)
+    first_key = torch.zeros(kv_width, dtype=torch.bool)
     first_key[0] = True
     mask = torch.where(r_valid[:, :, None], mask, first_key[None, None, :])  # padded queries: key 0 only
     return _to(_Blocks(q_index, kv_index, mask[:, None], r_valid, q_index[r_valid]), device)

@@ -199,6 +199,7 @@ def grouped_logprobs(
     prefix_sharing: bool = True,
     with_entropy: bool = False,
     pad_to_multiple_of: int = 1,
+    per_group: bool = False,
 ) -> LogProbOutput:
     """Per-response sequence log-probs [B, N] of ``batch`` under ``model``.
 
@@ -208,8 +209,22 @@ def grouped_logprobs(
 
     ``prefix_sharing`` picks the layout; both give the same values (up to float rounding; bitwise identical
     per response within one layout). ``with_entropy`` adds MallowsPO's normalised entropy H̄ (reference).
+
+    ``per_group``: one forward per prompt group. A batched forward gives a group's log-probs that depend,
+    in their last bits, on the other groups of the batch (kernels block their sums by the padded shapes),
+    so values scored in one batch composition and compared in another are equal only to float rounding.
+    One forward per group makes every shape a function of the group alone: the precomputed-reference stage
+    and a run with ``train.reference: precomputed`` both use it, so rewards are exactly zero at step 0.
     """
     model = as_logprob_model(model)
+    if per_group and batch.num_groups > 1:
+        parts = [grouped_logprobs(model, batch.select_groups(b, b + 1), prefix_sharing=prefix_sharing,
+                                  with_entropy=with_entropy, pad_to_multiple_of=pad_to_multiple_of)
+                 for b in range(batch.num_groups)]
+        entropy = torch.cat([p.entropy for p in parts]) if with_entropy else None
+        return LogProbOutput(logps=torch.cat([p.logps for p in parts]),
+                             num_tokens=torch.cat([p.num_tokens for p in parts]),
+                             mask=torch.cat([p.mask for p in parts]), entropy=entropy)
     packed = pack(batch, prefix_sharing=prefix_sharing, pad_to_multiple_of=pad_to_multiple_of)
     device = _input_device(model)
     out = model(**packed.to(device).model_kwargs(), with_entropy=with_entropy)

@@ -98,6 +98,7 @@ def listwise_backward(
     prefix_sharing: bool = True,
     loss_scale: float | None = None,
     backward_fn: Callable[[torch.Tensor], object] = _default_backward,
+    per_group: bool = False,
 ) -> ListwiseBackwardOutput:
     """Forward and backward of ``loss_fn(logps)`` for one micro-batch, in response chunks.
 
@@ -116,6 +117,8 @@ def listwise_backward(
             and ranks): DeepSpeed averages gradients over data-parallel ranks.
         backward_fn: runs the backward of a scalar objective; ``engine.backward`` under DeepSpeed (it also
             divides by the gradient-accumulation steps and applies fp16 loss scaling).
+        per_group: one forward per prompt group (:func:`~raypo.listwise_model.grouped_logprobs`), so the
+            log-probs are bitwise those of each group scored alone (precomputed reference).
     """
     n = batch.num_responses
     if num_chunks is not None and num_chunks < 1:
@@ -125,7 +128,7 @@ def listwise_backward(
     chunks = num_chunks if num_chunks is not None else num_response_chunks(n, chunk_size)
 
     if chunks == 1:  # direct path: one forward with grad, one backward
-        out = grouped_logprobs(model, batch, prefix_sharing=prefix_sharing)
+        out = grouped_logprobs(model, batch, prefix_sharing=prefix_sharing, per_group=per_group)
         numerator, denominator, metrics = loss_fn(out.logps)
         objective = _scale(numerator, denominator, loss_scale)
         if not objective.requires_grad:  # e.g. no valid pair on this rank: still backward (ZeRO-3)
@@ -135,7 +138,7 @@ def listwise_backward(
 
     # pass 1: all N log-probs without a graph, then g = dL/ds on a [B, N] leaf
     with torch.no_grad():
-        out = grouped_logprobs(model, batch, prefix_sharing=prefix_sharing)
+        out = grouped_logprobs(model, batch, prefix_sharing=prefix_sharing, per_group=per_group)
     scores = out.logps.detach().requires_grad_(True)
     with torch.enable_grad():
         numerator, denominator, metrics = loss_fn(scores)

@@ -134,6 +134,13 @@ class ListwiseBatch:
         return ListwiseBatch(self.prompt_ids, [rs[start:stop] for rs in self.response_ids],
                              num_responses=max(stop - start, 0), extras=extras, response_masks=masks)
 
+    def select_groups(self, start: int, stop: int) -> ListwiseBatch:
+        """Groups [start, stop) with the list width N kept (so per-group results stack back to [B, N])."""
+        extras = {k: v[start:stop] for k, v in self.extras.items()}
+        masks = None if self.response_masks is None else self.response_masks[start:stop]
+        return ListwiseBatch(self.prompt_ids[start:stop], self.response_ids[start:stop],
+                             num_responses=self.num_responses, extras=extras, response_masks=masks)
+
     def token_stats(self) -> dict[str, int]:
         """Tokens processed by each layout; ``unshared / shared`` is the achieved prefix-sharing gain rho."""
         prompt = [len(p) for p in self.prompt_ids]

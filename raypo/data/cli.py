@@ -13,6 +13,7 @@ Bad input paths and unusable options exit with status 2 and a message naming the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -53,6 +54,12 @@ def convert_command(args: argparse.Namespace) -> int:
         rows, report, dims = process_rows(args.input, cfg, None, "convert")
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
+    if not rows:
+        print(report.format())
+        print(f"raypo data convert: every one of the {report.input_rows} input rows was rejected, nothing "
+              f"written to {args.output}; check --format ({args.format}) against the input, and the reasons "
+              "above", file=sys.stderr)
+        return EXIT_REJECTS
     written = write_records([ListwiseRecord.from_row(r) for r in rows], args.output, dims, cfg.s3)
     print(report.format())
     print(f"wrote {report.output_rows} listwise rows to {written}")
@@ -63,8 +70,12 @@ def convert_command(args: argparse.Namespace) -> int:
 
 def validate_command(args: argparse.Namespace) -> int:
     cfg = _data_config(args, args.format, args.path)
+    # --json: stdout carries the report alone; libraries that log to stdout while the tokenizer loads
+    # (DeepSpeed's accelerator notice, for one) are sent to stderr
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        _, report, _ = process_rows(args.path, cfg, args.tokenizer, "validate")
+        with quiet:
+            _, report, _ = process_rows(args.path, cfg, args.tokenizer, "validate")
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     if args.json:

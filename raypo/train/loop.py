@@ -200,6 +200,12 @@ def _precomputed(batch: ListwiseBatch, key: str) -> Optional[torch.Tensor]:
     return values
 
 
+def per_group_forward(cfg: RaypoConfig) -> bool:
+    """Policy log-probs one group per forward when the reference was scored that way (precomputed), so
+    that policy and reference values of a group come from identical computations (exact zero at step 0)."""
+    return cfg.train.reference == "precomputed"
+
+
 def reference_outputs(setup: LossSetup, engines: Engines, batch: ListwiseBatch, prefix_sharing: bool,
                       device: torch.device) -> ReferenceOutputs:
     """Reference log-probs from the data (precomputed) or from the reference engine (online); the same
@@ -320,7 +326,8 @@ def train_step(cfg: RaypoConfig, setup: LossSetup, engines: Engines, micro: list
 
         result = listwise_backward(engine, batch, loss_fn, chunk_size=chunk or None, num_chunks=num_chunks,
                                    prefix_sharing=cfg.model.prefix_sharing, loss_scale=scale,
-                                   backward_fn=lambda obj: engine.backward(obj, scale_wrt_gas=False))
+                                   backward_fn=lambda obj: engine.backward(obj, scale_wrt_gas=False),
+                                   per_group=per_group_forward(cfg))
         engine.step()
         sums = merge_metric_sums(sums, batch_metric_sums(setup, batch, holder["out"], result.logps, ref,
                                                          "train/", device))
@@ -362,7 +369,8 @@ def evaluate(cfg: RaypoConfig, setup: LossSetup, engines: Engines, eval_shard, r
                 raise RuntimeError(f"rank {rank} has no eval rows at all; lower train.eval_batches or use a "
                                    "larger eval split (data.eval_fraction) so every worker gets some")
             ref = reference_outputs(setup, engines, batch, cfg.model.prefix_sharing, device)
-            out_lp = grouped_logprobs(engine, batch, prefix_sharing=cfg.model.prefix_sharing)
+            out_lp = grouped_logprobs(engine, batch, prefix_sharing=cfg.model.prefix_sharing,
+                                      per_group=per_group_forward(cfg))
             # Evaluation weighs every dimension equally (the uniform mixture), not a sampled lambda.
             lam = None
             if setup.spec.needs_lambda:

@@ -9,9 +9,10 @@ and the policy use, and writes two columns, one value per response:
   itself when it wants length-normalised values);
 * ``ref_entropy``: H̄(y) = sum_t H_t / (T ln|V|) (only when the loss needs a dispersion).
 
-Floating-point note: a log-prob depends, in its last bits, on the other sequences in its forward batch
-(BLAS kernels block the sums differently), so precomputed values agree with the online ones to float
-rounding (about 1e-7 relative in fp32), not bit for bit; the online mode gives exactly zero rewards at step 0.
+Exactness: in a batched forward a log-prob depends, in its last bits, on the other groups of the batch
+(kernels block their sums by the padded shapes). The stage therefore scores one group per forward
+(``grouped_logprobs(per_group=True)``), and a run with ``train.reference: precomputed`` computes its policy
+log-probs the same way, so the implicit rewards are exactly zero at step 0 in both reference modes.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ class ReferenceScorer:
     def __init__(self, ref_path: str, dtype: str, attention: str, prefix_sharing: bool, with_entropy: bool):
         from raypo.listwise_model import ListwiseLogProbModel
         from raypo.modeling import load_reference
+        from raypo.train.checkpoint import without_zero3_init
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_reference(ref_path, dtype=dtype, attention=attention, prefix_sharing=prefix_sharing)
+        with without_zero3_init():  # a whole model per actor, even in a process that holds a ZeRO-3 engine
+            model = load_reference(ref_path, dtype=dtype, attention=attention, prefix_sharing=prefix_sharing)
         self.model = ListwiseLogProbModel(model.to(self.device))
         self.prefix_sharing = prefix_sharing
         self.with_entropy = with_entropy
@@ -43,7 +46,7 @@ class ReferenceScorer:
         batch = collate_listwise(rows)
         with torch.no_grad():
             out = grouped_logprobs(self.model, batch, prefix_sharing=self.prefix_sharing,
-                                   with_entropy=self.with_entropy)
+                                   with_entropy=self.with_entropy, per_group=True)
         counts = [len(r["response_ids"]) for r in rows]
         table = _set_column(table, "ref_logps", _ragged(out.logps, counts))
         if self.with_entropy:

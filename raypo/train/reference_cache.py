@@ -200,8 +200,10 @@ def stage_settings(cfg: RaypoConfig, with_entropy: bool | None = None) -> dict[s
         with_entropy = get_loss_spec(cfg.loss.name).needs_dispersion
     # the resolved backend, so a cache made under an older meaning of ``auto`` is not reused
     attention = hf_attn_implementation(cfg.model.attention, prefix_sharing=cfg.model.prefix_sharing)
+    # "forward": how groups are batched for scoring; values scored in batches of groups (older caches)
+    # differ in their last bits and would make step-0 rewards only nearly zero
     return {"with_entropy": bool(with_entropy), "dtype": worker_dtype(cfg), "attention": attention,
-            "prefix_sharing": bool(cfg.model.prefix_sharing)}
+            "prefix_sharing": bool(cfg.model.prefix_sharing), "forward": "per_group"}
 
 
 def reference_cache_key(digests: Iterable[bytes], ref_path: str, *, with_entropy: bool, dtype: str,

@@ -83,3 +83,13 @@ def test_convert_to_s3_and_back(s3, tmp_s3_prefix, tmp_path, capsys):
     assert [r["responses"] for r in rows] == [["A", "B", "C"]]
     assert main(["data", "validate", f"{tmp_s3_prefix}/pairs.parquet"]) == 0
     assert "testing" not in capsys.readouterr().out  # credentials are never printed
+
+
+def test_convert_with_every_row_rejected_fails_and_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "uf.jsonl"
+    src.write_text(json.dumps({**ultrafeedback_record(), "completions": []}) + "\n")
+    out_dir = tmp_path / "out"
+    assert main(["data", "convert", "--format", "ultrafeedback", str(src), str(out_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "too_few_responses" in captured.out and "every one of the 1 input rows was rejected" in captured.err
+    assert not out_dir.exists()

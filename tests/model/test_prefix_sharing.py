@@ -150,3 +150,27 @@ def test_response_masks_score_only_marked_tokens(tiny_model_f64, make_rows):
             per_token = logsm.gather(1, torch.tensor(response)[:, None])
             expected = (per_token[:, 0] * torch.tensor(mask, dtype=per_token.dtype)).sum()
             torch.testing.assert_close(shared.logps[b, i], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "raypo_prefix_sdpa"])
+def test_per_group_forward_is_independent_of_the_batch_bitwise(tiny_tokenizer, make_rows, attn):
+    """``per_group=True``: a group's fp32 log-probs and entropies are bitwise those of the group scored
+    alone, whatever it is batched with (the precomputed reference relies on it for exact zero rewards)."""
+    from raypo.tiny import TinySpec, build_tiny_model
+
+    model = build_tiny_model(TinySpec(seed=0), tiny_tokenizer, dtype=torch.float32)
+    model.config._attn_implementation = attn
+    groups = [(17, [9, 30, 4]), (40, [25, 3, 12, 8, 19]), (6, [2, 44]), (23, [13, 13, 7, 1])]
+    rows = make_rows(groups, seed=3)
+    with torch.no_grad():
+        alone = [grouped_logprobs(model, collate_listwise([r]), with_entropy=True) for r in rows]
+        for order in ([0, 1, 2, 3], [3, 1], [2, 0, 3]):
+            out = grouped_logprobs(model, collate_listwise([rows[j] for j in order]), with_entropy=True,
+                                   per_group=True)
+            assert out.logps.shape == (len(order), max(len(groups[j][1]) for j in order))
+            for b, j in enumerate(order):
+                n = len(groups[j][1])
+                assert torch.equal(out.logps[b, :n], alone[j].logps[0]), (order, j)
+                assert torch.equal(out.entropy[b, :n], alone[j].entropy[0]), (order, j)
+                assert torch.equal(out.num_tokens[b, :n], alone[j].num_tokens[0])
+                assert (out.logps[b, n:] == 0).all() and not out.mask[b, n:].any()

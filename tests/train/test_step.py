@@ -80,6 +80,33 @@ def test_rewards_are_exactly_zero_at_step_zero_online(tiny_model_dir, tokenized_
     assert torch.equal(out.rewards[mask], torch.zeros_like(out.rewards[mask]))
 
 
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_rewards_are_exactly_zero_at_step_zero_precomputed(tiny_model_dir, tokenized_rows, single_process_group,
+                                                           chunk):
+    """Reference log-probs scored by the precompute stage in batches of 3 groups, a step over batches of 4:
+    the step-0 rewards and KL estimate are exactly zero (direct path and response chunks)."""
+    import pyarrow as pa
+
+    from raypo.train.reference import ReferenceScorer
+
+    rows, dims = tokenized_rows
+    cfg = make_cfg("lipo_lambda", "train.reference=precomputed", f"train.response_chunk_size={chunk}")
+    scorer = ReferenceScorer(str(tiny_model_dir), "float32", cfg.model.attention, cfg.model.prefix_sharing,
+                             with_entropy=False)
+    table = pa.Table.from_pylist(rows[:12])
+    scored = pa.concat_tables([scorer(table.slice(i, 3)) for i in range(0, 12, 3)]).to_pylist()
+    setup = loss_setup(cfg, dims)
+    engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
+                            needs_online_reference=False, total_steps=1)
+    assert engines.reference is None
+    batch = batches(scored)[1]  # groups 4..7: scored across two of the stage's batches
+    sums = train_step(cfg, setup, engines, [batch], None, torch.device("cpu"), world_size=1)
+    reward_sum, count = sums["train/reward_abs_mean"]
+    kl_sum, _ = sums["train/kl_per_token"]
+    assert float(count) == float(batch.response_mask().sum()) > 0
+    assert float(reward_sum) == 0.0 and float(kl_sum) == 0.0
+
+
 def test_step_normalises_over_the_whole_step(tiny_model_dir, tokenized_rows, single_process_group):
     """Two micro-batches with different denominators: the step's loss is sum(num) / sum(den), not the
     mean of the two micro-batch losses."""
