@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Optional
 
 from raypo import __version__
-from raypo.config import ConfigError
+from raypo.config import ConfigError, RunError
 
+EXIT_RUN = 1  # the data or the run stops the command before training (RunError)
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 
@@ -162,6 +163,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NotBuiltError as exc:
         print(f"raypo: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except RunError as exc:
+        print(f"raypo: {exc}", file=sys.stderr)
+        return EXIT_RUN
 
 
 if __name__ == "__main__":

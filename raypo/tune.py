@@ -711,7 +711,7 @@ def prepare_shared_reference(sweep: Sweep) -> Optional[str]:
     the cache directory, or None when trials do not share it (printed with the reason). Needs Ray."""
     from raypo.data.pipeline import build_datasets
     from raypo.train.reference_cache import cached_reference_logprobs
-    from raypo.train.trainer import resolve_model_paths
+    from raypo.train.trainer import model_sources, resolve_model_paths
 
     share, with_entropy, why = share_decision(sweep)
     if not share:
@@ -722,7 +722,8 @@ def prepare_shared_reference(sweep: Sweep) -> Optional[str]:
     print(f"raypo: reference log-probs: preparing them once for all trials (cache {cache_dir})", flush=True)
     start = time.time()
     before = _cache_entries(cache_dir, cfg.data.s3)
-    policy_path, ref_path = resolve_model_paths(cfg)
+    resolve_model_paths(cfg)  # fail fast, and fill the driver node's cache
+    policy_path, ref_path = model_sources(cfg)
     train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer_path=policy_path)
     print(report.format(), flush=True)
     for ds in (train_ds, eval_ds):

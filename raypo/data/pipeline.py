@@ -210,7 +210,7 @@ def stage_rows(source: Any, fmt: str, opts: ConvertOptions, s3_cfg: Any = None,
         file_format(source, s3_cfg) == "jsonl" else None
     if dimensions is None:
         dimensions = dimensions_for(fmt, opts) if fmt != "listwise" or opts.dimensions else \
-            _listwise_dimensions(source, s3_cfg)
+            _listwise_dimensions(source, s3_cfg, lambda: _first(ds.take(1), text_column))
     opts = ConvertOptions(dimensions, opts.keep_system_prompt, opts.merge_pairs, opts.extra)
     kwargs = {"fmt": fmt, "opts": opts, "dimensions": dimensions, "text_column": text_column}
     if fmt == "ranked":
@@ -226,16 +226,50 @@ def stage_rows(source: Any, fmt: str, opts: ConvertOptions, s3_cfg: Any = None,
     return ds.map_batches(convert_batch, batch_format="pyarrow", fn_kwargs=kwargs), dimensions, notes
 
 
-def _listwise_dimensions(source: Any, s3_cfg: Any) -> list[str]:
+def _first(rows: list, text_column: Optional[str]) -> Any:
+    if not rows:
+        return None
+    return rows[0][text_column] if text_column else rows[0]
+
+
+def _listwise_dimensions(source: Any, s3_cfg: Any, first_row: Optional[Any] = None) -> list[str]:
+    """Dimension names of native listwise data: synthetic data's own, the Parquet schema metadata, or none
+    when the data has no ratings at all (ranks only); otherwise the user must name them."""
     if isinstance(source, str) and is_synthetic_uri(source):
         return list(SYNTHETIC_DIMENSIONS)
     if isinstance(source, str):
         dims = read_dimensions(source, s3_cfg)
         if dims is not None:
             return dims
-    raise ValueError(f"the dimension names of {source!r} are unknown: its Parquet schema has no "
-                     "raypo.dimensions metadata; set data.dimensions (e.g. [helpfulness, honesty]) or "
-                     "write the data with `raypo data convert`")
+    num_ratings = _ratings_per_response(first_row()) if first_row is not None else None
+    if num_ratings == 0:
+        return []  # ranks only: nothing to name
+    jsonl = isinstance(source, str) and file_format(source, s3_cfg) == "jsonl"
+    kind = "JSON lines carry no schema metadata" if jsonl else \
+        "its Parquet schema has no raypo.dimensions metadata"
+    seen = f" (its first row has {num_ratings} rating(s) per response)" if num_ratings else ""
+    raise ValueError(f"the dimension names of {source!r} are unknown: {kind}{seen}; set data.dimensions "
+                     "(e.g. [helpfulness, honesty]; --dimensions helpfulness,honesty on the command line) "
+                     "or write the data with `raypo data convert`")
+
+
+def _ratings_per_response(row: Any) -> Optional[int]:
+    """m of a row's ``scores`` ([N][m]; 0 when it has none), or None when it cannot be read. ``row``: a
+    mapping, or one line of JSON."""
+    if isinstance(row, (str, bytes)):
+        try:
+            row = json.loads(row)
+        except ValueError:
+            return None
+    if not isinstance(row, dict):
+        return None
+    scores = row.get("scores")
+    if scores is None or len(scores) == 0:
+        return 0
+    item = scores[0]
+    if item is None:
+        return None
+    return len(item) if hasattr(item, "__len__") else 1
 
 
 def finalize_staged(staged, fmt: str, opts: ConvertOptions, dimensions: list[str]):
@@ -542,7 +576,8 @@ def process_rows(source: Any, data_cfg: Any, tokenizer: Any = None, label: str =
     """
     fmt = _source_format(source, data_cfg)
     opts = convert_options(data_cfg)
-    dims = None if fmt != "listwise" or opts.dimensions else _listwise_dimensions(source, data_cfg.s3)
+    dims = None if fmt != "listwise" or opts.dimensions else _listwise_dimensions(
+        source, data_cfg.s3, lambda: next(iter(iter_source_rows(source, data_cfg.s3)), None))
     result = convert_records(iter_source_rows(source, data_cfg.s3), fmt, opts, dims, source=label)
     report = ValidationReport(source=label, notes=result.report.notes, dimensions=result.dimensions)
     rejected = [(o, "convert") for o in result.rejected]

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from raypo.config import RunError
 from raypo.data.schema import ROLES, ListwiseRecord, derive_prompt_id
 
 REJECT_REASONS: dict[str, str] = {
@@ -78,7 +79,7 @@ class RowRejected(Exception):
         self.detail = detail
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(RunError):
     """Too many rows were rejected: the run stops before training, with the report."""
 
     def __init__(self, report: ValidationReport, max_reject_fraction: float, source: str = ""):

@@ -4,6 +4,7 @@ Layout of one checkpoint directory (``{storage_path}/{run_name}/step_00000040/``
 
     ds/latest, ds/<tag>/zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt   every rank writes its shard
     hf/config.json, hf/tokenizer*                                              rank 0: what export needs
+    hf/raypo_lora.json                                                         rank 0, LoRA runs: r, alpha
     raypo_state.json                                                           rank 0: step, data position,
                                                                                lambda-schedule state
 """
@@ -23,6 +24,8 @@ STATE_FILE = "raypo_state.json"
 DS_DIR = "ds"
 HF_DIR = "hf"
 WRAPPER_PREFIX = "causal_lm."
+LORA_FILE = "raypo_lora.json"
+PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -62,7 +65,49 @@ def save_checkpoint(engine, state: TrainState, *, rank: int, hf_config=None, tok
             hf_config.save_pretrained(os.path.join(local, HF_DIR))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(local, HF_DIR))
+        lora = lora_settings(engine)
+        if lora:
+            os.makedirs(os.path.join(local, HF_DIR), exist_ok=True)
+            Path(local, HF_DIR, LORA_FILE).write_text(json.dumps(lora, indent=2, sort_keys=True))
     return local
+
+
+def lora_settings(engine) -> dict[str, Any]:
+    """``{adapter: {"r", "lora_alpha", "use_rslora"}}`` of a PEFT-wrapped policy, else ``{}``."""
+    causal_lm = getattr(getattr(engine, "module", engine), "causal_lm", None)
+    configs = getattr(causal_lm, "peft_config", None) or {}
+    return {name: {"r": int(c.r), "lora_alpha": float(c.lora_alpha), "use_rslora": bool(c.use_rslora)}
+            for name, c in configs.items()}
+
+
+def merge_lora(state_dict: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT LoRA state dict -> the plain model's: W = W_0 + s * B @ A with s = alpha / r (alpha / sqrt(r)
+    with rsLoRA), for every adapted linear layer; the ``base_model.model.`` prefix is dropped.
+
+    Keys: ``...q_proj.base_layer.weight`` (W_0), ``...q_proj.lora_A.<adapter>.weight`` (A, [r, in]),
+    ``...q_proj.lora_B.<adapter>.weight`` (B, [out, r]); plain keys pass through.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix(PEFT_PREFIX)
+        if ".lora_A." in key or ".lora_B." in key or ".lora_embedding_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    for key, a in state_dict.items():
+        if ".lora_A." not in key:
+            continue
+        module, rest = key.removeprefix(PEFT_PREFIX).split(".lora_A.", 1)
+        adapter = rest.removesuffix(".weight")
+        settings = lora.get(adapter)
+        if settings is None:
+            raise RuntimeError(f"checkpoint has LoRA adapter {adapter!r} but {LORA_FILE} lists only "
+                               f"{sorted(lora)}")
+        b = state_dict[key.replace(".lora_A.", ".lora_B.")]
+        r = settings["r"]
+        scale = settings["lora_alpha"] / (r ** 0.5 if settings["use_rslora"] else r)
+        weight = f"{module}.weight"
+        out[weight] = out[weight] + scale * (b.float() @ a.float()).to(out[weight].dtype)
+    return out
 
 
 def load_checkpoint(engine, checkpoint_dir: str) -> TrainState:
@@ -105,6 +150,10 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
         # The engine wraps the causal LM in ListwiseLogProbModel, whose attribute is ``causal_lm``.
         state_dict = {k.removeprefix(WRAPPER_PREFIX): v
                       for k, v in get_fp32_state_dict_from_zero_checkpoint(ds_dir).items()}
+        lora_file = os.path.join(hf_dir, LORA_FILE)
+        if os.path.exists(lora_file):  # a LoRA run: export the merged model, not the adapter
+            with open(lora_file) as f:
+                state_dict = merge_lora(state_dict, json.load(f))
         config = AutoConfig.from_pretrained(hf_dir)
         with without_zero3_init(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

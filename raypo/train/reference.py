@@ -26,14 +26,16 @@ from raypo.config import RaypoConfig
 class ReferenceScorer:
     """Ray Data callable class: loads the reference once per actor, scores batches of tokenised rows."""
 
-    def __init__(self, ref_path: str, dtype: str, attention: str, prefix_sharing: bool, with_entropy: bool):
+    def __init__(self, ref_path: str, dtype: str, attention: str, prefix_sharing: bool, with_entropy: bool,
+                 storage_options: dict | None = None):
         from raypo.listwise_model import ListwiseLogProbModel
         from raypo.modeling import load_reference
         from raypo.train.checkpoint import without_zero3_init
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with without_zero3_init():  # a whole model per actor, even in a process that holds a ZeRO-3 engine
-            model = load_reference(ref_path, dtype=dtype, attention=attention, prefix_sharing=prefix_sharing)
+            model = load_reference(ref_path, dtype=dtype, attention=attention, prefix_sharing=prefix_sharing,
+                                   storage_options=storage_options)
         self.model = ListwiseLogProbModel(model.to(self.device))
         self.prefix_sharing = prefix_sharing
         self.with_entropy = with_entropy
@@ -74,7 +76,7 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
     several losses asks for it when any of them does).
     """
     from raypo.losses.registry import get_loss_spec
-    from raypo.train.loop import worker_dtype
+    from raypo.train.loop import s3_options, worker_dtype
 
     if with_entropy is None:
         with_entropy = get_loss_spec(cfg.loss.name).needs_dispersion
@@ -82,7 +84,7 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
     return ds.map_batches(
         ReferenceScorer,
         fn_constructor_args=(ref_path, worker_dtype(cfg), cfg.model.attention, cfg.model.prefix_sharing,
-                             with_entropy),
+                             with_entropy, s3_options(cfg)),
         batch_size=batch_size, batch_format="pyarrow", concurrency=1,
         num_gpus=1 if use_gpu else 0, num_cpus=1,
     ).materialize()

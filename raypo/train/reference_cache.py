@@ -86,7 +86,13 @@ def _file_sha256(path: Path) -> str:
 
 
 def _local_model_dir(ref_path: str) -> Path:
-    """The local directory of ``ref_path``: a directory as is, a Hugging Face id from the local HF cache."""
+    """The local directory of ``ref_path``: a directory as is, ``s3://`` and ``tiny://`` from this node's
+    cache (copied or built if missing), a Hugging Face id from the local HF cache."""
+    from raypo.modeling import resolve_model_source
+    from raypo.tiny import is_tiny_spec
+
+    if str(ref_path).startswith("s3://") or is_tiny_spec(str(ref_path)):
+        ref_path = resolve_model_source(str(ref_path))
     path = Path(os.path.expanduser(str(ref_path)))
     if path.is_dir():
         return path
@@ -96,8 +102,8 @@ def _local_model_dir(ref_path: str) -> Path:
         return Path(snapshot_download(str(ref_path), local_files_only=True))
     except Exception as err:  # noqa: BLE001 - any failure means: no local files to fingerprint
         raise ValueError(f"cannot fingerprint reference model {ref_path!r} for the reference cache: it is "
-                         "neither a local directory nor in the local Hugging Face cache; pass a local path "
-                         "(resolve_model_paths does so for tiny:// and s3:// models)") from err
+                         "neither a local directory, s3:// or tiny://, nor in the local Hugging Face cache; "
+                         "pass a local path") from err
 
 
 def model_fingerprint(ref_path: str) -> dict[str, str]:
@@ -339,10 +345,11 @@ def cached_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, cache_dir: st
     Args:
         ds: a Ray Dataset of tokenised rows (``prompt_ids``, ``response_ids``, optional ``response_masks``).
         cfg: the run's config (loss, model dtype/attention/prefix sharing, ``data.s3`` for an s3:// cache).
-        ref_path: local directory (or locally cached Hugging Face id) of the reference model, as returned by
-            :func:`raypo.train.trainer.resolve_model_paths`.
+        ref_path: the reference model: a local directory, ``s3://`` or ``tiny://`` (each scoring actor
+            resolves it on its own node, :func:`raypo.train.trainer.model_sources`), or a Hugging Face id in
+            the local cache.
         cache_dir: local directory or ``s3://bucket/prefix``; entries live in ``<cache_dir>/<key>/``.
-        batch_size: groups per reference forward (part of the key: it changes the values' last bits).
+        batch_size: groups per scoring batch (each group is still scored in a forward of its own).
         with_entropy: also provide ``ref_entropy`` (None: when ``cfg.loss`` needs a dispersion; a sweep over
             several losses asks for it when any of them does).
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from raypo.config import RaypoConfig, to_dict
+from raypo.config import RaypoConfig, RunError, to_dict
 
 
 @dataclass
@@ -84,11 +84,86 @@ def resolve_model_paths(cfg: RaypoConfig) -> tuple[str, str]:
     return policy, ref
 
 
+def model_sources(cfg: RaypoConfig) -> tuple[str, str]:
+    """Policy and reference as every node resolves them for itself.
+
+    ``s3://`` and ``tiny://`` stay URIs: each process that loads a model (training workers, tokenising and
+    reference-scoring actors) copies or builds it into its own node's cache
+    (:func:`raypo.modeling.resolve_model_source`, idempotent and lock-safe), so a worker on a node that
+    joined an autoscaling cluster after the driver resolved the model still finds it. Local paths and
+    Hugging Face ids are used as given.
+    """
+    policy = str(cfg.model.path)
+    return policy, str(cfg.model.reference_path or policy)
+
+
 def worker_environment() -> dict[str, str]:
     """Driver environment the workers need: raypo's own switches, S3 endpoint and region (credentials
     stay in the environment Ray propagates; they are never copied into configs or logs)."""
     keep = ("RAYPO_", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE")
-    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+    return {k: v for k, v in os.environ.items() if k.startswith(keep) and not _looks_secret(k)}
+
+
+# Forwarded from the driver to a cluster's processes through Ray's runtime_env. Ray keeps a runtime_env in
+# its control store and shows it in the dashboard and job state, so secrets (AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN, HF_TOKEN, ...) are never put there: processes of a local cluster inherit them from the
+# driver's environment, and the nodes of a remote cluster use their own (instance roles, the image, a job
+# spec's forward_env).
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "HF_HOME",
+                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_FORWARDED_PREFIXES = ("RAYPO_", "AWS_ENDPOINT_URL_")
+
+
+def driver_environment() -> dict[str, str]:
+    """The driver's non-secret settings for the cluster's processes (see ``_FORWARDED_ENV``)."""
+    return {k: v for k, v in os.environ.items()
+            if (k in _FORWARDED_ENV or k.startswith(_FORWARDED_PREFIXES)) and not _looks_secret(k)}
+
+
+def _looks_secret(name: str) -> bool:
+    return any(word in name for word in ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY"))
+
+
+@dataclass
+class EpochPlan:
+    """How one epoch of ``rows`` prompts is consumed by ``workers`` ranks in steps of
+    ``micro_batch_size * grad_accum_steps`` prompts per rank.
+
+    Ray Data's equal split gives each rank floor(rows / workers) rows; each rank trains only whole
+    micro-batches, and every rank stops when any rank runs out (they must agree on the step count). The
+    prompts beyond that are not trained in this epoch: a different set each epoch, as the order is
+    reshuffled per epoch.
+    """
+
+    rows: int
+    steps: int
+    trained: int
+
+    @property
+    def left_over(self) -> int:
+        return self.rows - self.trained
+
+
+def epoch_plan(rows: int, cfg: RaypoConfig) -> EpochPlan:
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    steps = (rows // cfg.scaling.num_workers) // per_step
+    return EpochPlan(rows=rows, steps=steps, trained=steps * per_step * cfg.scaling.num_workers)
+
+
+def describe_epochs(rows: int, cfg: RaypoConfig) -> str:
+    """One line on how the training prompts are consumed; :class:`RunError` when no step fits."""
+    plan = epoch_plan(rows, cfg)
+    t, workers = cfg.train, cfg.scaling.num_workers
+    batch = f"{workers} worker(s) x {t.micro_batch_size} prompt(s) x {t.grad_accum_steps} micro-batch(es)"
+    if plan.steps == 0:
+        raise RunError(f"the training split has {rows} prompts, fewer than one global batch ({batch} = "
+                       f"{workers * t.micro_batch_size * t.grad_accum_steps}); lower train.micro_batch_size "
+                       "or train.grad_accum_steps, use fewer workers (scaling.num_workers), or add data")
+    line = f"raypo: {rows} training prompts, {plan.steps} step(s) per epoch of {batch}"
+    if plan.left_over:
+        line += (f"; {plan.left_over} prompt(s) per epoch do not fill a step and are left out of that epoch "
+                 "(a different set each epoch)")
+    return line
 
 
 def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
@@ -105,7 +180,8 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     from raypo.train.callbacks import ProgressCallback
     from raypo.train.loop import train_loop_per_worker
 
-    policy_path, ref_path = resolve_model_paths(cfg)
+    resolve_model_paths(cfg)  # fail fast on a bad model path, and fill the driver node's cache
+    policy_path, ref_path = model_sources(cfg)
     if precomputed_datasets is not None:
         train_ds, eval_ds = precomputed_datasets.train, precomputed_datasets.eval
         dimensions = list(precomputed_datasets.dimensions)
@@ -123,6 +199,7 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
 
             train_ds = add_reference_logprobs(train_ds, cfg, ref_path)
             eval_ds = add_reference_logprobs(eval_ds, cfg, ref_path)
+    print(describe_epochs(train_ds.count(), cfg), flush=True)
     has_eval = eval_ds.count() > 0
     datasets = trainer_datasets(train_ds, eval_ds, epochs=cfg.train.epochs, seed=cfg.data.shuffle_seed)
     storage_path, storage_fs = storage_location(cfg)
@@ -158,7 +235,7 @@ def init_ray(cfg: RaypoConfig) -> None:
     quiet()
     if ray.is_initialized():
         return
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAYPO_", "HF_"))}
+    env = driver_environment()
     if os.environ.get("RAYPO_VERBOSE") != "1":
         env = {**QUIET_ENV, **env}
     # A Ray job's driver finds its cluster in RAY_ADDRESS; otherwise start a private local cluster rather
@@ -194,7 +271,16 @@ def _free_port() -> int:
 
 
 def run_training(cfg: RaypoConfig) -> TrainResult:
-    """Fit, then export the final checkpoint to Hugging Face format if ``checkpoint.export_path`` is set."""
+    """Fit, then export the final checkpoint to Hugging Face format if ``checkpoint.export_path`` is set.
+
+    A run name that already holds a run resumes it only if the run-defining config is the same
+    (:mod:`raypo.train.run_record`); otherwise :class:`~raypo.train.run_record.RunConflictError`.
+    """
+    from raypo.train.run_record import check_or_write_run_record
+
+    if check_or_write_run_record(cfg, run_name(cfg)):
+        print(f"raypo: run {run_name(cfg)!r} exists with the same config; resuming it from its latest "
+              "checkpoint (set checkpoint.run_name to start a new run)", flush=True)
     init_ray(cfg)
     result = build_trainer(cfg).fit()
     ckpt = result.checkpoint

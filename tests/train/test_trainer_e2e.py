@@ -99,10 +99,21 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(baseline, tiny_
     assert one.metrics["train/loss"] == pytest.approx(result.metrics["train/loss"], rel=1e-4)
 
 
-def test_accumulation_equals_a_larger_batch_and_precomputed_reference(baseline, tiny_model_dir, tmp_path):
+def test_accumulation_equals_a_larger_batch_and_precomputed_reference(baseline, s3, tiny_model_dir, tmp_path):
+    """Also loads the model from ``s3://``: the workers and the reference-scoring and tokenising actors are
+    handed the URI and copy the model into their own node's cache."""
     _, weights = baseline
-    cfg = load_config(None, base_overrides(tiny_model_dir, str(tmp_path), "accumulate")
-                      + ["scaling.num_workers=1", "train.grad_accum_steps=2", "train.reference=precomputed"])
+    fs = s3.s3fs()
+    for f in Path(tiny_model_dir).iterdir():
+        fs.put_file(str(f), f"{s3.bucket}/models/accumulate/{f.name}")
+    model_uri = f"s3://{s3.bucket}/models/accumulate"
+    overrides = [o for o in base_overrides(tiny_model_dir, str(tmp_path), "accumulate")
+                 if not o.startswith("model.path=")]
+    cfg = load_config(None, overrides + [f"model.path={model_uri}", "scaling.num_workers=1",
+                                         "train.grad_accum_steps=2", "train.reference=precomputed"])
+    from raypo.train.trainer import model_sources
+
+    assert model_sources(cfg) == (model_uri, model_uri)
     acc = run_training(cfg)
     assert max_abs_diff(exported_weights(acc.export_dir), weights) < TOLERANCE
 
