@@ -24,7 +24,9 @@ manifest holds exactly the same components (so a hash collision or a format chan
 * ``with_entropy``: MallowsPO's reference entropies are needed (an entry without them cannot serve).
 * ``dtype``, ``attention``, ``prefix_sharing``, ``batch_size``: how the stage computes; they change the
   values in their last bits (bf16 vs fp32 much more), so they are part of the key too.
-* ``format``: :data:`CACHE_FORMAT`, bumped when the layout below changes.
+* ``format``: :data:`CACHE_FORMAT`, bumped when the layout below or the way values are computed changes
+  (format 2: one forward per group, :func:`raypo.train.reference.add_reference_logprobs`; entries of format
+  1 were scored in batches of groups and differ in their last bits).
 
 Layout. ``<cache_dir>/<key>/manifest.json`` (the components, the row count and the name of the data
 directory) is written last, after ``<cache_dir>/<key>/<uuid>/part-00000.parquet`` (columns ``_ref_key``,
@@ -59,7 +61,7 @@ from raypo.config import RaypoConfig
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 KEY_COLUMN = "_ref_key"
 _REF_COLUMNS = ("ref_logps", "ref_entropy")
 _SKIP_MODEL_FILES = (".md", ".txt", ".png", ".jpg", ".gitattributes")
@@ -206,10 +208,8 @@ def stage_settings(cfg: RaypoConfig, with_entropy: bool | None = None) -> dict[s
         with_entropy = get_loss_spec(cfg.loss.name).needs_dispersion
     # the resolved backend, so a cache made under an older meaning of ``auto`` is not reused
     attention = hf_attn_implementation(cfg.model.attention, prefix_sharing=cfg.model.prefix_sharing)
-    # "forward": how groups are batched for scoring; values scored in batches of groups (older caches)
-    # differ in their last bits and would make step-0 rewards only nearly zero
     return {"with_entropy": bool(with_entropy), "dtype": worker_dtype(cfg), "attention": attention,
-            "prefix_sharing": bool(cfg.model.prefix_sharing), "forward": "per_group"}
+            "prefix_sharing": bool(cfg.model.prefix_sharing)}
 
 
 def reference_cache_key(digests: Iterable[bytes], ref_path: str, *, with_entropy: bool, dtype: str,

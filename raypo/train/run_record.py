@@ -56,6 +56,27 @@ def run_directory(cfg: RaypoConfig, name: str) -> str:
     return f"{path}/{name}"
 
 
+def latest_checkpoint(cfg: RaypoConfig, name: str) -> tuple[str, int] | None:
+    """(directory, global step) of the run's newest complete checkpoint, or None."""
+    from raypo.data.io import fsspec_for
+    from raypo.train.checkpoint import STATE_FILE
+
+    run_dir = run_directory(cfg, name)
+    fs = fsspec_for(run_dir, cfg.data.s3)
+    if not fs.exists(run_dir):
+        return None
+    steps = sorted((p for p in fs.ls(run_dir, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(
+        "step_")), reverse=True)
+    for path in steps:
+        state = f"{path.rstrip('/')}/{STATE_FILE}"
+        if fs.exists(state):
+            with fs.open(state, "r") as f:
+                step = int(json.load(f)["global_step"])
+            where = f"{run_dir}/{path.rstrip('/').rsplit('/', 1)[-1]}"
+            return where, step
+    return None
+
+
 def check_or_write_run_record(cfg: RaypoConfig, name: str) -> bool:
     """Refuse (:class:`RunConflictError`) a start whose config differs from the recorded one; write the
     record on a first start. Returns True when a record was already there (the run resumes)."""

@@ -270,27 +270,58 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _completed_run(cfg: RaypoConfig, checkpoint: str, step: int) -> TrainResult:
+    """A run that already reached ``train.max_steps``: nothing to train; export its last checkpoint (if
+    asked) and report its last metrics."""
+    from raypo.train.callbacks import read_metrics
+
+    name = run_name(cfg)
+    print(f"raypo: run {name!r} is already complete (step {step} of train.max_steps={cfg.train.max_steps}); "
+          f"nothing to train. Raise train.max_steps to continue it, or set checkpoint.run_name to start a "
+          "new run.", flush=True)
+    export_dir = _export(cfg, checkpoint)
+    metrics: dict[str, Any] = {}
+    history = os.path.join(local_run_directory(cfg), "metrics.jsonl")
+    if os.path.exists(history):
+        for record in read_metrics(history):
+            metrics.update(record)
+    return TrainResult(run_dir=f"{cfg.checkpoint.storage_path.rstrip('/')}/{name}", checkpoint=checkpoint,
+                       export_dir=export_dir, metrics=metrics)
+
+
+def _export(cfg: RaypoConfig, checkpoint: str) -> Optional[str]:
+    """Export ``checkpoint`` (local or s3://) to ``checkpoint.export_path``; None when no export is asked."""
+    if not cfg.checkpoint.export_path:
+        return None
+    from raypo.train.checkpoint import export_checkpoint
+
+    export_dir = str(Path(os.path.expanduser(cfg.checkpoint.export_path)).resolve())
+    export_checkpoint(checkpoint, export_dir)
+    return export_dir
+
+
 def run_training(cfg: RaypoConfig) -> TrainResult:
     """Fit, then export the final checkpoint to Hugging Face format if ``checkpoint.export_path`` is set.
 
     A run name that already holds a run resumes it only if the run-defining config is the same
     (:mod:`raypo.train.run_record`); otherwise :class:`~raypo.train.run_record.RunConflictError`.
     """
-    from raypo.train.run_record import check_or_write_run_record
+    from raypo.train.run_record import check_or_write_run_record, latest_checkpoint
 
-    if check_or_write_run_record(cfg, run_name(cfg)):
-        print(f"raypo: run {run_name(cfg)!r} exists with the same config; resuming it from its latest "
-              "checkpoint (set checkpoint.run_name to start a new run)", flush=True)
+    name = run_name(cfg)
+    if check_or_write_run_record(cfg, name):
+        latest = latest_checkpoint(cfg, name)
+        if latest is not None and latest[1] >= cfg.train.max_steps:
+            return _completed_run(cfg, *latest)
+        print(f"raypo: run {name!r} exists with the same config; resuming it from its latest checkpoint "
+              "(set checkpoint.run_name to start a new run)", flush=True)
     init_ray(cfg)
     result = build_trainer(cfg).fit()
     ckpt = result.checkpoint
     export_dir = None
     if ckpt is not None and cfg.checkpoint.export_path:
-        from raypo.train.checkpoint import export_checkpoint
-
-        export_dir = str(Path(os.path.expanduser(cfg.checkpoint.export_path)).resolve())
         with ckpt.as_directory() as local:
-            export_checkpoint(local, export_dir)
+            export_dir = _export(cfg, local)
     storage_path, _ = storage_location(cfg)
     return TrainResult(run_dir=f"{cfg.checkpoint.storage_path.rstrip('/')}/{run_name(cfg)}",
                        checkpoint=ckpt.path if ckpt is not None else None, export_dir=export_dir,

@@ -317,3 +317,30 @@ def test_quickstart_config_is_unchanged_by_jobs():
     job_cfg = job_config(load_job(REPO / "jobs" / "quickstart_local.yaml"))
     assert cfg.checkpoint.storage_path == "./raypo_runs"
     assert job_cfg.checkpoint.storage_path == "~/raypo_runs" and job_cfg.checkpoint.export_path is None
+
+
+def test_sweep_job_runs_the_tune_entrypoint(capsys):
+    job = load_job(REPO / "jobs" / "sweep_beta_llama8b.yaml")
+    sub = build_submission(job, job_config(job))
+    assert sub.entrypoint[-3:] == ["raypo.submit", "run", "tune"]
+    env = {RUN_CONFIG_ENV: sub.runtime_env["env_vars"][RUN_CONFIG_ENV]}
+    assert run_inline("tune", ["--dry-run"], environ=env) == 0
+    out = capsys.readouterr().out
+    assert "running: raypo tune" in out and "search_space" in out
+
+
+def test_readme_shows_what_print_ray_cli_prints(capsys):
+    """The README's plain `ray job submit` example is the command raypo prints (up to the generated id and
+    config hash), so a user can launch with the Ray CLI alone."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(ray job submit .*?)```", readme, re.S).group(1)
+    assert main(["submit", "--print-ray-cli", str(REPO / "jobs" / "quickstart_local.yaml"),
+                 "--address", "http://127.0.0.1:8265"]) == 0
+    printed = capsys.readouterr().out
+    printed = printed[printed.index("ray job submit"):]
+
+    def normalise(text: str) -> str:
+        text = re.sub(r"--submission-id \S+", "--submission-id ID", text)
+        return re.sub(r'"raypo_config_sha256": "[0-9a-f]+"', '"raypo_config_sha256": "SHA"', text).strip()
+
+    assert normalise(block) == normalise(printed)

@@ -63,13 +63,30 @@ def initial_weights(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_cluster, tiny_model_dir, tmp_path_factory):
-    """The uninterrupted reference run: 2 workers, 2 prompts each per step."""
+def baseline_run(ray_cluster, tiny_model_dir, tmp_path_factory):
+    """The uninterrupted reference run: 2 workers, 2 prompts each per step; (config, result)."""
     storage = str(tmp_path_factory.mktemp("runs"))
     overrides = base_overrides(tiny_model_dir, storage, "baseline") + ["logging.tensorboard=true"]
     cfg = load_config(None, overrides)
-    result = run_training(cfg)
+    return cfg, run_training(cfg)
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_run):
+    _, result = baseline_run
     return result, exported_weights(result.export_dir)
+
+
+def test_running_a_complete_run_again_trains_nothing_and_says_so(baseline_run, capsys):
+    cfg, first = baseline_run
+    weights = exported_weights(first.export_dir)
+    os.remove(os.path.join(first.export_dir, "model.safetensors"))
+    again = run_training(cfg)
+    out = capsys.readouterr().out
+    assert "already complete (step 4 of train.max_steps=4)" in out
+    assert os.path.normpath(again.checkpoint) == os.path.normpath(first.checkpoint)
+    assert max_abs_diff(exported_weights(again.export_dir), weights) == 0.0  # exported again, same weights
+    assert again.metrics["step"] == STEPS and "train/loss" in again.metrics
 
 
 def test_run_keeps_the_last_checkpoints_and_writes_tensorboard(baseline):

@@ -217,6 +217,8 @@ def test_results_table_best_config_and_plots_are_written(sweep):
 
 
 def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluster, tiny_model_dir, tmp_path):
+    """The sweep's best config, as written, trains (here with the learned scheduler fitted from the sweep's
+    table in place of its fixed lambda, and fewer steps)."""
     from raypo.lambdas import from_results_table
     from raypo.train.trainer import run_training
 
@@ -224,14 +226,12 @@ def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluste
     learned = ["lambdas.schedule=learned", f"lambdas.learned.results_path={table_path}",
                f"lambdas.learned.score_column={METRIC}", "lambdas.learned.degree=1",
                "lambdas.learned.num_candidates=4", "lambdas.learned.temperature=0.1", "lambdas.seed=0"]
-    cfg = load_config(None, [
-        f"model.path={tiny_model_dir}", "model.dtype=float32", "loss.name=lambda_dpo", "loss.beta=0.1",
-        "data.train_path=synthetic://default?num_prompts=16&seed=1", "data.eval_fraction=0.0",
-        "data.max_prompt_length=64", "data.max_response_length=32", "train.micro_batch_size=4",
-        "train.max_steps=2", "scaling.num_workers=1", "logging.tensorboard=false",
-        f"checkpoint.storage_path={tmp_path}", "checkpoint.run_name=learned", *learned])
+    best_config = sweep["experiment"] / "results" / "best_config.yaml"
+    cfg = load_config(best_config, ["train.max_steps=2", f"checkpoint.storage_path={tmp_path}",
+                                    "checkpoint.run_name=learned", *learned])
+    assert cfg.loss.name == "lambda_dpo" and cfg.optimizer.lr == pytest.approx(1e-3)
     result = run_training(cfg)
-    assert result.metrics["step"] == 2
+    assert result.metrics["step"] == 2 and METRIC in result.metrics
     state = json.loads((Path(result.checkpoint) / "raypo_state.json").read_text())["lambda_state"]
     assert state["schedule"] == "learned"
     fitted = from_results_table(str(table_path), [f"lambda_{k}" for k in range(4)], METRIC, degree=1,
