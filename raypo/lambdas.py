@@ -118,8 +118,11 @@ class LambdaScheduleConfig:
         onehot_index: ``onehot``: a fixed dimension k (0-based); None = uniformly random k per draw.
         table / table_probs: ``table`` rows and weights (default: :data:`OFFICIAL_TABLE_HEAD`; weights
             default to equal).
-        degree / num_candidates / temperature: ``learned``: p, K and tau (not recoverable from the paper's
-            code; defaults 2, 10 and 0.01).
+        degree / num_candidates / temperature: ``learned``: p, K and tau. None is recoverable from the
+            paper's code (spec 3.4); defaults 2, 10 and 0.1. The shipped 10-row table (p ~ 0.1 each) implies
+            tau large relative to the spread of a_hat: with pairwise-accuracy scores (a_hat spread of a few
+            hundredths over 10 candidates) tau = 0.1 gives probabilities of about 0.08-0.12, whereas
+            tau = 0.01 would put most of the mass on one or two candidates. Scale tau with the score column.
         points: ``learned``: ``[(lambda, score), ...]`` probe results; or read them from ``results_path``
             (CSV) with ``lambda_columns`` (default ``lambda_0..lambda_{m-1}``) and ``score_column``.
     """
@@ -138,7 +141,7 @@ class LambdaScheduleConfig:
     table_probs: Optional[list[float]] = None
     degree: int = 2
     num_candidates: int = 10
-    temperature: float = 0.01
+    temperature: float = 0.1
     points: Optional[list[tuple[list[float], float]]] = None
     results_path: Optional[str] = None
     lambda_columns: Optional[list[str]] = None
@@ -492,8 +495,11 @@ class PolynomialLambdaScheduler(LambdaSchedule):
     5. a_hat = Phi(c) w, pi = softmax(a_hat / tau);
     6. each draw picks a candidate with probability pi.
 
-    Defaults p = 2, K = 10, tau = 0.01 (not recoverable from the paper's code; the shipped 10-row table with
-    p ~ 0.1 each implies tau large relative to the spread of a_hat).
+    Defaults p = 2, K = 10, tau = 0.1. None of them is recoverable from the paper's code (spec 3.4); the
+    shipped 10-row table (p ~ 0.1 each) implies tau large relative to the spread of a_hat, and tau = 0.1
+    is that for scores on a [0, 1] accuracy scale (a_hat spreads by a few hundredths over K = 10 Dirichlet
+    candidates, so pi stays near 1/K while still favouring the better candidates). Scores on another scale
+    need tau scaled with them; a smaller tau concentrates pi on the best candidates.
     """
 
     name = "learned"

@@ -20,10 +20,19 @@ rax           sum over pairs / valid pairs     sum over items / valid items     
 paper         sum over pairs / lists           sum over items / lists           (same as rax)
 per_list_mean sum of per-list pair means /     sum of per-list item means /     (same as rax)
               lists with >= 1 pair             lists
+sum           sum over pairs / 1               sum over items / 1               sum over lists / 1
 ============= ================================ ================================ ==========================
 
 "lists" = lists with at least one valid item (fully padded rows never count). A list whose labels are all
 tied has no pair: it adds 0 to "paper" and is left out of "per_list_mean".
+
+``"sum"`` is allRank's ``reduction="sum"`` (spec 2.10: ``lipo_lambda_loss(normalize=True, scale="none",
+reduction="sum")`` equals allRank's ``lambdaLoss(weighing_scheme="lambdaRank_scheme",
+reduction_log="natural")``): the plain sum over the batch, with denominator 1 (0 when the batch has nothing
+to sum, so ``all_skipped`` stays meaningful). Its numerators add up across micro-batches, but its
+denominators do not (every micro-batch counts 1): under the trainer's global normalisation, k micro-batches
+give the mean of their k sums, not the sum of the concatenated batch. Use it to compare with allRank, not to
+train with gradient accumulation.
 
 A batch with nothing to count gives loss 0 and ``metrics["all_skipped"] = 1`` (RAX's safe_reduce gives 0).
 """
@@ -52,9 +61,14 @@ from raypo.losses._common import (
     scalar_labels,
 )
 
-PAIR_REDUCTIONS = ("rax", "paper", "per_list_mean")
-POINT_REDUCTIONS = ("rax", "paper", "per_list_mean")
+PAIR_REDUCTIONS = ("rax", "paper", "per_list_mean", "sum")
+POINT_REDUCTIONS = ("rax", "paper", "per_list_mean", "sum")
 LIST_REDUCTIONS = PAIR_REDUCTIONS
+
+
+def _sum_denominator(counted: Tensor, dtype: torch.dtype) -> Tensor:
+    """Reduction ``"sum"``: denominator 1 if anything was counted in the batch, else 0 (no grad)."""
+    return counted.detach().any().to(dtype)
 
 
 def _setup(name: str, policy_logps: Tensor, ref_logps: Tensor, mask: Optional[Tensor],
@@ -88,6 +102,9 @@ def _reduce_pairs(name: str, per_pair: Tensor, pairs: Tensor, mask: Tensor, redu
     if reduction == "rax":
         numerator = masked.sum()
         denominator = detached_count(pairs, per_pair.dtype)
+    elif reduction == "sum":
+        numerator = masked.sum()
+        denominator = _sum_denominator(pairs, per_pair.dtype)
     elif reduction == "paper":
         numerator = masked.sum()
         denominator = detached_count(has_valid, per_pair.dtype)
@@ -116,6 +133,8 @@ def _reduce_items(name: str, per_item: Tensor, mask: Tensor, reduction: str, s: 
         numerator = masked.sum()
     if reduction == "rax":
         denominator = detached_count(mask, per_item.dtype)
+    elif reduction == "sum":
+        denominator = _sum_denominator(mask, per_item.dtype)
     else:
         denominator = detached_count(has_valid, per_item.dtype)
     metrics = {
@@ -126,14 +145,15 @@ def _reduce_items(name: str, per_item: Tensor, mask: Tensor, reduction: str, s: 
 
 
 def _reduce_lists(name: str, per_list: Tensor, mask: Tensor, reduction: str, s: Tensor) -> LossOutput:
-    # Every reduction is the mean over lists for list losses (spec 2.9); the argument exists so that one
-    # reduction setting can be passed to any LiPO loss.
+    # Every reduction but "sum" is the mean over lists for list losses (spec 2.9); the argument exists so
+    # that one reduction setting can be passed to any LiPO loss.
     check_choice(name, "reduction", reduction, LIST_REDUCTIONS)
     has_valid = row_has_valid(mask)
     zero = torch.zeros((), dtype=per_list.dtype, device=per_list.device)
     numerator = torch.where(has_valid, per_list, zero).sum()
-    denominator = detached_count(has_valid, per_list.dtype)
-    metrics = {"num_prompts": denominator.clone()}
+    num_lists = detached_count(has_valid, per_list.dtype)
+    denominator = _sum_denominator(has_valid, per_list.dtype) if reduction == "sum" else num_lists
+    metrics = {"num_prompts": num_lists}
     return finish(numerator, denominator, metrics, s)
 
 
@@ -150,7 +170,8 @@ def lipo_pair_logistic_loss(
 
         l_ij = log(1 + exp(-(s_i - s_j))) = softplus(-(s_i - s_j)),   (i, j) in P
 
-    rax: sum over the batch's pairs / number of pairs. N = 2 with psi_w > psi_l is exactly DPO.
+    rax: sum over the batch's pairs / number of pairs (other reductions: module docstring, including
+    ``"sum"``, allRank's plain sum). N = 2 with psi_w > psi_l is exactly DPO.
     Defaults: beta = 0.05, reduction = "rax".
     """
     name = "lipo_pair_logistic"
@@ -203,7 +224,7 @@ def lipo_list_mle_loss(
 
     pi sorts the valid responses by psi descending; ties keep index order (RAX's stable sort, no PRNG);
     padding is excluded from every denominator. Batch value: mean over lists with a valid item (for every
-    ``reduction``, spec 2.9).
+    ``reduction`` but ``"sum"``, which sums over lists; spec 2.9).
     N = 2 with psi_w > psi_l gives DPO; with psi_w = psi_l the loss is not 0 (index order decides).
     Default beta = 0.05.
     """
@@ -236,8 +257,8 @@ def lipo_softmax_loss(
 
     ``normalize_labels=True`` (paper, default): q = psi / sum psi over valid items; all psi = 0 gives q
     uniform over the valid items (``rax.utils.normalize_probabilities``). ``False``: q = psi unnormalised
-    (the RAX call of Algorithm 1). Batch value: mean over lists with a valid item, for every ``reduction``.
-    N = 2 with one-hot psi
+    (the RAX call of Algorithm 1). Batch value: mean over lists with a valid item, for every ``reduction``
+    but ``"sum"`` (sum over lists). N = 2 with one-hot psi
     gives DPO; psi = (a, b) gives cDPO with eps = b / (a + b). Default beta = 0.05.
     """
     name = "lipo_softmax"
@@ -269,7 +290,7 @@ def lipo_point_mse_loss(
         l_k = (psi_k - s_k)^2
 
     rax (default): mean over all valid items of the batch; paper: per-prompt sum, mean over prompts;
-    per_list_mean: per-prompt mean, mean over prompts.
+    per_list_mean: per-prompt mean, mean over prompts; sum: sum over all valid items (denominator 1).
     Does not reduce to DPO at N = 2. Gradient 2 (s - psi). Default beta = 0.05.
     """
     name = "lipo_point_mse"
@@ -384,6 +405,10 @@ def lipo_lambda_loss(
     tau ranks the current scores s (not the labels), descending, stable for ties; Delta carries no
     gradient. rax (default): sum of weighted pair losses / number of pairs in P, pooled over the batch.
     ``paper``: per-prompt sum, mean over prompts (the paper's Eq. 8 also has ``scale="none"``).
+    ``sum``: the plain sum over the batch's pairs, denominator 1; with ``normalize=True, scale="none"`` this
+    is allRank's ``lambdaLoss(weighing_scheme="lambdaRank_scheme", reduction="sum",
+    reduction_log="natural")`` (spec 2.10; allRank's default binary log is this / ln 2). Its denominators do
+    not add up across micro-batches (module docstring).
 
     Defaults (RAX): beta = 0.05, scale = "padded" (C = padded N), normalize = False, topn = None,
     log_base = 2. ``weighting="constant"`` sets Delta = 1, the paper's "constant weight" ablation, which is

@@ -10,7 +10,8 @@
 in (0, 1).
 
 These are pairwise losses: N = 2 with column 0 chosen, or any N with ``scores`` (best vs worst; tied
-prompts skipped), exactly as :mod:`raypo.losses.pairwise`. The dispersion is per prompt; which responses'
+prompts skipped; ``[B, N, m]`` ratings aggregated with ``temperature``), exactly as
+:mod:`raypo.losses.pairwise`. The dispersion is per prompt; which responses'
 entropies it averages is the caller's choice (the official code: the chosen and the rejected one).
 """
 
@@ -192,6 +193,7 @@ def mallows_theta_loss(
     if_mixing_alpha: bool = False,
     mixing_alpha: float = 0.5,
     length_normalization: bool = True,
+    temperature: float = 1.0,
 ) -> LossOutput:
     """MallowsPO-theta (spec 4.1; CODE ``loss_type="mallows_dpo"``).
 
@@ -202,16 +204,16 @@ def mallows_theta_loss(
     ``reference_free=True`` sets (r_w - r_l) := 0 and a := 0. phi = ``dispersion [B]``.
 
     Defaults as shipped (mallowsPO_config.py): beta = 10, reference_free = True, length-normalised
-    log-probs (``length_normalization=True`` tells the trainer to feed per-token means), h = 0, eps = 0.
-    The paper's "MallowsPO-theta on top of DPO": reference_free=False, length_normalization=False,
-    beta ~ 0.1. phi = 1 gives DPO (identity 7).
+    log-probs (``length_normalization=True`` tells the trainer to feed per-token means), h = 0, eps = 0;
+    temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores). The paper's "MallowsPO-theta on top
+    of DPO": reference_free=False, length_normalization=False, beta ~ 0.1. phi = 1 gives DPO (identity 7).
     """
     name = "mallows_theta"
     _check_common(name, beta, home_advantage, mixing_alpha)
     check_range(name, "label_smoothing", label_smoothing, 0.0, 0.5)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
     phi = _dispersion(name, dispersion, policy.shape[0], policy)
-    sel = select_pair(name, policy, ref, mask, scores)
+    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
     logits = _mallows_logits(sel, reference_free=reference_free, home_advantage=home_advantage,
                              if_mixing_alpha=if_mixing_alpha, mixing_alpha=mixing_alpha)
     z = beta * phi * logits
@@ -233,6 +235,7 @@ def mallows_ipo_loss(
     if_mixing_alpha: bool = False,
     mixing_alpha: float = 0.5,
     length_normalization: bool = True,
+    temperature: float = 1.0,
 ) -> LossOutput:
     """MallowsPO IPO variants (spec 4.2; CODE).
 
@@ -243,7 +246,7 @@ def mallows_ipo_loss(
 
     logits as :func:`mallows_theta_loss`. Defaults: beta = 0.1, variant "mallowspo", with the reference
     (reference_free=False) and length-normalised log-probs as TRL's IPO, so that phi = 1 gives TRL IPO
-    (identity 7).
+    (identity 7); temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
     """
     name = "mallows_ipo"
     _check_common(name, beta, home_advantage, mixing_alpha)
@@ -251,7 +254,7 @@ def mallows_ipo_loss(
     check_choice(name, "variant", variant, MALLOWS_IPO_VARIANTS)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
     phi = _dispersion(name, dispersion, policy.shape[0], policy)
-    sel = select_pair(name, policy, ref, mask, scores)
+    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
     logits = _mallows_logits(sel, reference_free=reference_free, home_advantage=home_advantage,
                              if_mixing_alpha=if_mixing_alpha, mixing_alpha=mixing_alpha)
     if variant == "mallowspo":
@@ -363,6 +366,7 @@ def mallows_phi_loss(
     beta: float = 0.1,
     reference_free: bool = False,
     length_normalization: bool = False,
+    temperature: float = 1.0,
 ) -> LossOutput:
     """MallowsPO-phi with the exact Mallows-Kendall link (spec 4.4; PAPER, not in any official code).
 
@@ -372,7 +376,8 @@ def mallows_phi_loss(
     ``dispersion [B]`` is the neg-log dispersion phi(x) > 0 (as for MallowsPO-theta). The link is computed
     in float64 and the loss cast back. g(0) := 1/2; at u = 0 the gradient is the mean of the one-sided
     gradients (the closed form jumps at 0). The paper's smooth approximations are not specified and not
-    implemented. Defaults: beta = 0.1, with the reference, summed log-probs (the DPO-based setting).
+    implemented. Defaults: beta = 0.1, with the reference, summed log-probs (the DPO-based setting);
+    temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
     """
     name = "mallows_phi"
     check_positive(name, "beta", beta)
@@ -383,7 +388,7 @@ def mallows_phi_loss(
             f"{name}: dispersion (neg-log dispersion phi = -c log Hbar) must be finite and > 0 for every "
             "prompt (Hbar in (0, 1)); got values outside that range"
         )
-    sel = select_pair(name, policy, ref, mask, scores)
+    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
     s_all, s_w, s_l = _rewards(policy, ref, sel, beta, reference_free)
     u = s_w - s_l
     # The link runs in float64 on [B] scalars: cheap, and it keeps -log g exact in float32 training.

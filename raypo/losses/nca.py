@@ -1,5 +1,6 @@
 """InfoNCA and NCA (Chen et al. 2024, "Noise Contrastive Alignment"; thu-ml/Noise-Contrastive-Alignment),
-spec section 6.1 (CODE ``reward_trainer.py::nca_loss``; defaults from the shipped yamls / README).
+spec section 6.1 (CODE ``reward_trainer.py::nca_loss`` and ``preference_trainer.py``; defaults from the
+shipped yamls / README).
 
 Soft labels from scalar rewards ``R [B, N]`` over the valid responses:
 
@@ -9,10 +10,15 @@ Soft labels from scalar rewards ``R [B, N]`` over the valid responses:
 r(A1) = r(A0)"; ``temperature_alpha`` (1e-4) is the code's parameter, the inverse of the paper's alpha, and at
 the default the labels are effectively one-hot on the best response. The code hard-codes K = 4; here K is
 the number of valid responses of each prompt. Batch value: mean over prompts with a valid response.
+
+The NCA loss also has the preference trainer's two pairwise forms (``variant="pair"``: the code's
+``loss_type="NCA"``; ``variant="biased"``: ``loss_type="biasedNCA"``), which compare a chosen and a rejected
+response exactly as the other pairwise losses pick them (:func:`raypo.losses.pairwise.select_pair`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -21,6 +27,7 @@ from torch import Tensor
 
 from raypo.losses._common import (
     LossOutput,
+    check_choice,
     check_positive,
     detached_count,
     finish,
@@ -30,14 +37,34 @@ from raypo.losses._common import (
     row_has_valid,
     scalar_labels,
 )
+from raypo.losses.pairwise import pair_output, select_pair
+
+#: ``nca_loss(variant=...)``: the listwise NCA of ``reward_trainer.py`` (default), and the pairwise
+#: ``loss_type="NCA"`` and ``loss_type="biasedNCA"`` of ``preference_trainer.py``.
+NCA_VARIANTS = ("listwise", "pair", "biased")
 
 
 def nca_soft_labels(rewards: Tensor, mask: Tensor, *, temperature_alpha: float = 1e-4,
                     first_bonus: float = 0.01) -> Tensor:
-    """``q [B, N] = softmax_valid((R + first_bonus * e_0) / temperature_alpha)``; 0 at padding."""
-    bonus = torch.zeros_like(rewards)
+    """``q [B, N] = softmax_valid((R + first_bonus * e_0) / temperature_alpha)``; 0 at padding.
+
+    The labels carry no gradient. They are computed in float64 with the row's largest valid
+    ``R + bonus`` subtracted before the division by ``temperature_alpha`` (softmax is shift-invariant), so
+    the tiny default ``temperature_alpha = 1e-4`` (logits of 1e4-1e6 for ratings) cannot cancel
+    catastrophically; the result is returned in ``rewards``' floating dtype (float64 for integer input).
+    """
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float64
+    mask = mask.to(device=rewards.device, dtype=torch.bool)
+    r = rewards.detach().to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=r.device)
+    bonus = torch.zeros_like(r)
     bonus[:, 0] = first_bonus
-    return masked_softmax((rewards + bonus) / temperature_alpha, mask)
+    x = torch.where(mask, r + bonus, zero)
+    top = torch.where(mask, x, torch.full((), -math.inf, dtype=torch.float64, device=r.device))
+    top = top.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, zero)  # rows without a valid response
+    q = masked_softmax((x - top) / temperature_alpha, mask)
+    return q.to(out_dtype)
 
 
 def _setup(
@@ -47,8 +74,10 @@ def _setup(
     check_positive(name, "beta", beta)
     check_positive(name, "temperature_alpha", temperature_alpha)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
-    rewards, mask = scalar_labels(name, scores, policy, mask)
-    q = nca_soft_labels(rewards, mask, temperature_alpha=temperature_alpha, first_bonus=first_bonus)
+    _, mask = scalar_labels(name, scores, policy, mask)
+    # Labels from the scores as given (float64 when they are), not rounded to the compute dtype first.
+    q = nca_soft_labels(scores.to(device=policy.device), mask, temperature_alpha=temperature_alpha,
+                        first_bonus=first_bonus).to(policy.dtype)
     s = torch.where(mask, beta * (policy - ref), torch.zeros((), dtype=policy.dtype, device=policy.device))
     return s, q, mask
 
@@ -84,6 +113,19 @@ def infonca_loss(
     return _mean_over_prompts(per_prompt, mask, s)
 
 
+def _pair_nca(name: str, policy_logps: Tensor, ref_logps: Tensor, mask: Optional[Tensor],
+              scores: Optional[Tensor], beta: float, variant: str) -> LossOutput:
+    """The pairwise forms of ``preference_trainer.py`` on the selected (chosen, rejected) pair."""
+    policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
+    sel = select_pair(name, policy, ref, mask, scores)
+    s_w, s_l = beta * (sel.policy_w - sel.ref_w), beta * (sel.policy_l - sel.ref_l)
+    if variant == "pair":
+        per_prompt = -F.logsigmoid(s_w) - 0.5 * F.logsigmoid(-s_w) - 0.5 * F.logsigmoid(-s_l)
+    else:
+        per_prompt = -F.logsigmoid(s_w) - F.logsigmoid(-s_l)
+    return pair_output(per_prompt, sel, beta * (policy - ref), s_w, s_l)
+
+
 def nca_loss(
     policy_logps: Tensor,
     ref_logps: Tensor,
@@ -93,15 +135,32 @@ def nca_loss(
     beta: float = 0.01,
     temperature_alpha: float = 1e-4,
     first_bonus: float = 0.01,
+    variant: str = "listwise",
 ) -> LossOutput:
-    """NCA (spec 6.1): per-response binary NCE against the reference.
+    """NCA (spec 6.1): binary NCE of each response against the reference.
 
-        L = -sum_k q_k log sigmoid(s_k) - (1/K) sum_k log sigmoid(-s_k),   K = number of valid responses
+        variant="listwise" (default; CODE reward_trainer.py::nca_loss):
+            L = -sum_k q_k log sigmoid(s_k) - (1/K) sum_k log sigmoid(-s_k),   K = number of valid responses
+        variant="pair"   (pairwise NCA, CODE preference_trainer.py loss_type="NCA"):
+            L = -log sigmoid(s_w) - 1/2 log sigmoid(-s_w) - 1/2 log sigmoid(-s_l)
+        variant="biased" (CODE preference_trainer.py loss_type="biasedNCA"):
+            L = -log sigmoid(s_w) - log sigmoid(-s_l)
 
-    Defaults as :func:`infonca_loss`. With one-hot q and K = 2 this is TRL's pairwise ``nca_pair``
-    (identity 8). Log-probs summed.
+    s = beta * (logp_theta - logp_ref); q as in :func:`nca_soft_labels`. The pair variants take the chosen
+    w and rejected l as every pairwise loss does: columns (0, 1) when N = 2 and ``scores`` is None, else the
+    best and worst valid responses by score (first occurrence; tied prompts skipped and counted in
+    ``metrics["num_skipped"]``); they ignore ``temperature_alpha`` and ``first_bonus``. Batch value: mean
+    over prompts (listwise: prompts with a valid response; pair variants: prompts with a usable pair).
+
+    Defaults: beta = 0.01, temperature_alpha = 1e-4, first_bonus = 0.01 (as :func:`infonca_loss`),
+    variant = "listwise". With one-hot q and K = 2 the listwise form equals the pairwise one (identity 8).
+    Log-probs summed.
     """
     name = "nca"
+    check_choice(name, "variant", variant, NCA_VARIANTS)
+    if variant != "listwise":
+        check_positive(name, "beta", beta)
+        return _pair_nca(name, policy_logps, ref_logps, mask, scores, beta, variant)
     s, q, mask = _setup(name, policy_logps, ref_logps, mask, scores, beta, temperature_alpha, first_bonus)
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
     k = mask.sum(-1).clamp(min=1).to(s.dtype)

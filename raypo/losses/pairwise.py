@@ -2,13 +2,19 @@
 
 All take ``[B, N]`` log-probs. With ``scores=None`` they need N = 2 with column 0 the chosen and column 1
 the rejected response. With ``scores [B, N]`` any N works: the chosen response is the best valid one
-(argmax, first occurrence) and the rejected one the worst (argmin, first occurrence). Prompts whose best
-and worst scores tie, or with fewer than two valid responses, are skipped: they are counted in
-``metrics["num_skipped"]`` and excluded from the denominator. Batch value = mean over the remaining prompts.
+(argmax, first occurrence) and the rejected one the worst (argmin, first occurrence); a NaN score marks the
+response invalid. Per-dimension ratings ``scores [B, N, m]`` are first reduced as the lambda-DPO trainer's
+UltraFeedback best-vs-worst baseline does (spec 3.3, ``ultrafb_best_worst_dpo``): the mean over dimensions
+of the per-dimension targets ``p*(k) = softmax_valid(R_k / temperature)`` (spec 3.2, T = 1.0 by default; a
+NaN rating is missing and counts as 1.0), then best = argmax and worst = argmin, first occurrence.
+Prompts whose best and worst scores tie, or with fewer than two valid responses, are skipped: they are
+counted in ``metrics["num_skipped"]`` and excluded from the denominator. Batch value = mean over the
+remaining prompts.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,7 +33,7 @@ from raypo.losses._common import (
     prepare_inputs,
     row_has_valid,
 )
-from raypo.losses.labels import best_worst
+from raypo.losses.labels import aggregate_ratings, best_worst
 
 
 @dataclass
@@ -43,9 +49,16 @@ class PairSelection:
 
 
 def select_pair(
-    name: str, policy: Tensor, ref: Tensor, mask: Tensor, scores: Optional[Tensor]
+    name: str, policy: Tensor, ref: Tensor, mask: Tensor, scores: Optional[Tensor], *,
+    temperature: float = 1.0,
 ) -> PairSelection:
-    """Picks (chosen, rejected) per prompt: columns (0, 1) without scores, else best / worst by score."""
+    """Picks (chosen, rejected) per prompt: columns (0, 1) without scores, else best / worst by score.
+
+    ``scores [B, N]``: scalar labels (NaN = invalid response). ``scores [B, N, m]``: per-dimension ratings,
+    aggregated to ``mean_k softmax_valid(R_k / temperature)`` (spec 3.3, :func:`aggregate_ratings`; NaN =
+    missing rating = 1.0) before the best / worst choice (first occurrence on ties).
+    """
+    check_positive(name, "temperature", temperature)
     if scores is None:
         if policy.shape[1] != 2:
             raise LossHyperparameterError(
@@ -55,11 +68,15 @@ def select_pair(
         w = torch.zeros(policy.shape[0], dtype=torch.long, device=policy.device)
         lo = torch.ones_like(w)
         usable = mask[:, 0] & mask[:, 1]
+    elif scores.dim() == 3 and tuple(scores.shape[:2]) == tuple(policy.shape):
+        ratings = scores.to(device=policy.device, dtype=torch.float64)
+        aggregate = aggregate_ratings(ratings, mask, temperature=temperature)
+        w, lo, usable = best_worst(aggregate, mask)
     else:
         if scores.dim() != 2 or scores.shape != policy.shape:
             raise LossHyperparameterError(
-                f"{name}: scores must be [B, N] = {tuple(policy.shape)}, got {tuple(scores.shape)}; reduce "
-                "per-dimension ratings first (raypo.losses.labels.aggregate_ratings)"
+                f"{name}: scores must be [B, N] = {tuple(policy.shape)} scalar labels or [B, N, m] "
+                f"per-dimension ratings, got {tuple(scores.shape)}"
             )
         scores = scores.to(policy.device)
         mask = mask & ~torch.isnan(scores.to(policy.dtype))
@@ -99,6 +116,7 @@ def dpo_loss(
     scores: Optional[Tensor] = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    temperature: float = 1.0,
 ) -> LossOutput:
     """DPO sigmoid loss with optional cDPO label smoothing (spec 1.1; Rafailov et al. Eq. 7; TRL "sigmoid").
 
@@ -106,14 +124,17 @@ def dpo_loss(
         L = -(1 - eps) * log sigmoid(D_s) - eps * log sigmoid(-D_s)
 
     Log-probs: summed over completion tokens (TRL). Defaults: beta = 0.1, label_smoothing eps = 0
-    (TRL v0.12.2 semantics; TRL HEAD dropped eps from "sigmoid", identical at eps = 0).
+    (TRL v0.12.2 semantics; TRL HEAD dropped eps from "sigmoid", identical at eps = 0), temperature = 1.0
+    (T of the rating softmax, used only with per-dimension ratings, spec 3.2).
     Shapes: ``policy_logps``, ``ref_logps`` ``[B, N]``; pair selection as in the module docstring.
+    With ratings ``[B, N, m]`` and length-normalised log-probs this is the lambda-DPO trainer's
+    UltraFeedback best-vs-worst baseline (spec 3.3), registered as ``ultrafb_best_worst_dpo``.
     """
     name = "dpo"
     check_positive(name, "beta", beta)
     check_range(name, "label_smoothing", label_smoothing, 0.0, 0.5)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
-    sel = select_pair(name, policy, ref, mask, scores)
+    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
     s_w, s_l = beta * (sel.policy_w - sel.ref_w), beta * (sel.policy_l - sel.ref_l)
     logits = s_w - s_l
     per_prompt = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
@@ -127,6 +148,7 @@ def ipo_loss(
     mask: Optional[Tensor] = None,
     scores: Optional[Tensor] = None,
     beta: float = 0.1,
+    temperature: float = 1.0,
 ) -> LossOutput:
     """IPO (spec 1.2; Azar et al. Eq. 17; TRL "ipo"), tau := beta.
 
@@ -134,12 +156,12 @@ def ipo_loss(
         L = (D - 1 / (2 * tau))^2            (= (D_s - 1/2)^2 / beta^2 in s units)
 
     Log-probs: length-averaged (TRL, confirmed by the IPO authors). Minimum at D = 1/(2 tau), not at
-    infinity. Default beta (tau) = 0.1.
+    infinity. Defaults: beta (tau) = 0.1; temperature = 1.0 (rating softmax for ``[B, N, m]`` scores only).
     """
     name = "ipo"
     check_positive(name, "beta", beta)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
-    sel = select_pair(name, policy, ref, mask, scores)
+    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
     d = (sel.policy_w - sel.policy_l) - (sel.ref_w - sel.ref_l)
     per_prompt = (d - 1.0 / (2.0 * beta)) ** 2
     s_w, s_l = beta * (sel.policy_w - sel.ref_w), beta * (sel.policy_l - sel.ref_l)
@@ -154,36 +176,46 @@ def slic_loss(
     scores: Optional[Tensor] = None,
     beta: float = 0.1,
     margin: float = 1.0,
+    temperature: float = 1.0,
 ) -> LossOutput:
     """SLiC hinge / SLiC_norm (spec 1.3; TRL "hinge"; LiPO Eq. 6).
 
         L = max(0, margin - (s_w - s_l)),   margin = 1 (hard-coded in TRL)
 
-    Reference-normalised, no regulariser. Log-probs summed. Defaults: beta = 0.1, margin = 1.0.
+    Reference-normalised, no regulariser. Log-probs summed. Defaults: beta = 0.1, margin = 1.0,
+    temperature = 1.0 (rating softmax for ``[B, N, m]`` scores only).
     The gradient is -beta w.r.t. logp_theta[w] while the hinge is active and 0 otherwise.
     """
     name = "slic"
     check_positive(name, "beta", beta)
     check_positive(name, "margin", margin)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
-    sel = select_pair(name, policy, ref, mask, scores)
+    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
     s_w, s_l = beta * (sel.policy_w - sel.ref_w), beta * (sel.policy_l - sel.ref_l)
     per_prompt = torch.relu(margin - (s_w - s_l))
     return pair_output(per_prompt, sel, beta * (policy - ref), s_w, s_l)
 
 
+#: SimPO's shipped ``gamma_beta_ratio`` (simpo_config.py), used when neither gamma nor a ratio is given.
+DEFAULT_GAMMA_BETA_RATIO = 0.25
+
+
 def resolve_simpo_gamma(beta: float, gamma: Optional[float], gamma_beta_ratio: Optional[float]) -> float:
-    """SimPO's margin: absolute ``gamma`` if given, else ``gamma_beta_ratio * beta`` (official code)."""
-    if gamma is not None and gamma_beta_ratio is not None:
-        if abs(gamma - gamma_beta_ratio * beta) > 1e-12 * max(1.0, abs(gamma)):
-            raise LossHyperparameterError(
-                f"simpo: gamma={gamma} and gamma_beta_ratio={gamma_beta_ratio} disagree at beta={beta} "
-                f"(gamma_beta_ratio * beta = {gamma_beta_ratio * beta}); give only one of them"
-            )
-        return float(gamma)
+    """SimPO's margin gamma: an explicit absolute ``gamma`` wins; else ``gamma_beta_ratio * beta``; else
+    ``0.25 * beta`` (the official default ratio).
+
+    Spec 3.3 / 10.10: the official code parameterises gamma through gamma / beta (default 0.25), while
+    LLaMA-Factory (and the lambda-DPO trainer's baseline) gives an absolute ``simpo_gamma = 0.5``. An absolute
+    gamma is the more specific setting, so it takes precedence over a ratio given alongside it (for example
+    a config that states gamma = 0.5 next to the official default ratio 0.25 at beta = 2.5).
+    """
+    for key, value in (("gamma", gamma), ("gamma_beta_ratio", gamma_beta_ratio)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise LossHyperparameterError(f"simpo: {key}={value!r} must be a finite number or None")
     if gamma is not None:
         return float(gamma)
-    return float((0.25 if gamma_beta_ratio is None else gamma_beta_ratio) * beta)
+    ratio = DEFAULT_GAMMA_BETA_RATIO if gamma_beta_ratio is None else gamma_beta_ratio
+    return float(ratio * beta)
 
 
 def simpo_loss(
@@ -197,6 +229,7 @@ def simpo_loss(
     gamma_beta_ratio: Optional[float] = None,
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
+    temperature: float = 1.0,
 ) -> LossOutput:
     """SimPO (spec 6.2; princeton-nlp/SimPO ``simpo_loss``), reference-free and length-normalised.
 
@@ -205,8 +238,9 @@ def simpo_loss(
         hinge:   L = relu(1 - z)
 
     ``ref_logps`` is ignored. Defaults (simpo_config.py): beta = 2.0, gamma_beta_ratio = 0.25 so
-    gamma = 0.5; eps = 0; loss_type = "sigmoid". An absolute ``gamma`` (LLaMA-Factory's ``simpo_gamma``)
-    takes precedence; giving both ``gamma`` and a disagreeing ``gamma_beta_ratio`` is an error.
+    gamma = 0.5; eps = 0; loss_type = "sigmoid"; temperature = 1.0 (rating softmax for ``[B, N, m]`` scores
+    only). An explicit absolute ``gamma`` (LLaMA-Factory's ``simpo_gamma``) takes precedence over
+    ``gamma_beta_ratio`` when both are given (:func:`resolve_simpo_gamma`).
     gamma = 0 gives DPO with logp_ref = 0 (identity 9).
     """
     name = "simpo"
@@ -216,7 +250,7 @@ def simpo_loss(
     g = resolve_simpo_gamma(beta, gamma, gamma_beta_ratio)
     policy, _, mask = prepare_inputs(name, policy_logps, None, mask)
     zeros = torch.zeros_like(policy)
-    sel = select_pair(name, policy, zeros, mask, scores)
+    sel = select_pair(name, policy, zeros, mask, scores, temperature=temperature)
     s_w, s_l = beta * sel.policy_w, beta * sel.policy_l
     z = s_w - s_l - g
     if loss_type == "sigmoid":

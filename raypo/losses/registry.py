@@ -33,7 +33,8 @@ from raypo.losses.nca import infonca_loss, nca_loss
 from raypo.losses.pairwise import dpo_loss, ipo_loss, simpo_loss, slic_loss
 
 #: Label kinds. "pairwise_order": N = 2 [chosen, rejected] or scalar scores [B, N] (best vs worst);
-#: "scalar_scores": scores [B, N] required; "per_dimension_scores": ratings [B, N, m] (+ lam).
+#: "scalar_scores": scores [B, N] required; "per_dimension_scores": ratings [B, N, m] (+ lam for lambda_dpo;
+#: ultrafb_best_worst_dpo picks its best and worst response from them).
 LABEL_KINDS = ("pairwise_order", "scalar_scores", "per_dimension_scores")
 
 # Arguments of every loss function that are inputs, not hyperparameters.
@@ -158,6 +159,11 @@ LOSS_REGISTRY: dict[str, LossSpec] = {
         _spec("lambda_dpo", lambda_dpo_loss, "lambda_dpo", _PD, "mean", "prompt",
               "spec 3; Sun et al. arXiv 2506.19780; yuhui15/Multi-Preference-Lambda-weighted-DPO",
               needs_lambda=True),
+        # The lambda-DPO trainer's pairwise baseline (spec 3.3): dpo_loss on [B, N, m] ratings (best / worst
+        # by the mean over dimensions of softmax(R_k / T)) with length-normalised log-probs.
+        _spec("ultrafb_best_worst_dpo", dpo_loss, "pairwise", _PD, "mean", "prompt",
+              "spec 3.3; yuhui15/Multi-Preference-Lambda-weighted-DPO _compute_ultrafb_preference_loss; "
+              "DPO spec 1.1"),
         _spec("mallows_theta", mallows_theta_loss, "mallows", _PO, "mean", "prompt",
               "spec 4.1; Chen et al. arXiv 2405.14953; haoxian-chen/MallowsPO mallows_dpo",
               reference_free=True, needs_dispersion=True),
@@ -171,7 +177,8 @@ LOSS_REGISTRY: dict[str, LossSpec] = {
         _spec("infonca", infonca_loss, "nca", _SC, "sum", "prompt",
               "spec 6.1; Chen et al. 2024; thu-ml/Noise-Contrastive-Alignment"),
         _spec("nca", nca_loss, "nca", _SC, "sum", "prompt",
-              "spec 6.1; Chen et al. 2024; thu-ml/Noise-Contrastive-Alignment"),
+              "spec 6.1; Chen et al. 2024; thu-ml/Noise-Contrastive-Alignment (variant: listwise "
+              "reward_trainer.py, pair / biased preference_trainer.py)"),
     )
 }
 

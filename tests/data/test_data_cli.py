@@ -91,14 +91,16 @@ def test_convert_with_every_row_rejected_fails_and_writes_nothing(tmp_path, caps
     out_dir = tmp_path / "out"
     assert main(["data", "convert", "--format", "ultrafeedback", str(src), str(out_dir)]) == 1
     captured = capsys.readouterr()
-    assert "too_few_responses" in captured.out and "every one of the 1 input rows was rejected" in captured.err
+    assert "too_few_responses" in captured.out
+    assert "every one of the 1 input rows was rejected" in captured.err
     assert not out_dir.exists()
 
 
 def test_rank_only_listwise_jsonl_validates_and_rated_jsonl_asks_for_dimension_names(tmp_path, capsys):
     ranked = tmp_path / "ranked.jsonl"
     ranked.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt_id": "p1", "prompt": "Say hi", "responses": ["hi there", "hello", "go away"], "ranks": [1, 2, 3]},
+        {"prompt_id": "p1", "prompt": "Say hi", "responses": ["hi there", "hello", "go away"],
+         "ranks": [1, 2, 3]},
         {"prompt_id": "p2", "prompt": "Add 2 and 2", "responses": ["4", "5"], "ranks": [1, 2]}]) + "\n")
     assert main(["data", "validate", str(ranked), "--format", "listwise", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

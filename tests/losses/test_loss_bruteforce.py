@@ -56,7 +56,7 @@ def _ref_lambda(s: list[float], y: list[float], n_pad: int, *, scale: str, norma
 @pytest.mark.parametrize("scale", ["padded", "valid", "none"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("topn", [None, 2])
-@pytest.mark.parametrize("reduction", ["rax", "paper", "per_list_mean"])
+@pytest.mark.parametrize("reduction", ["rax", "paper", "per_list_mean", "sum"])
 def test_lipo_lambda_against_loops(scale: str, normalize: bool, topn: int | None, reduction: str) -> None:
     policy, ref, psi, mask, lengths = _batch(1)
     beta, base = 0.3, 2.0
@@ -69,10 +69,47 @@ def test_lipo_lambda_against_loops(scale: str, normalize: bool, topn: int | None
         want = sum(t for t, _ in per) / sum(p for _, p in per)
     elif reduction == "paper":
         want = sum(t for t, _ in per) / len(per)
+    elif reduction == "sum":
+        want = sum(t for t, _ in per)
     else:
         kept = [t / p for t, p in per if p]
         want = sum(kept) / len(kept)
     assert out.loss.item() == pytest.approx(want, rel=1e-12)
+
+
+def _allrank_lambda_rank(s: list[float], y: list[float], log: str = "natural", eps: float = 1e-10) -> float:
+    """spec 2.10, allRank lambdaLoss(weighing_scheme="lambdaRank_scheme", reduction="sum") on one list
+    (valid items only, no ties in s): positions after sorting the predictions descending, D = log2(1 + pos),
+    G = (2^y - 1) / maxDCG, Delta_ij = |1/D_i - 1/D_j| * |G_i - G_j|, loss = -sum_{y_i > y_j} log(
+    sigma(s_i - s_j)^Delta_ij) (natural or binary log)."""
+    n = len(s)
+    by_pred = sorted(range(n), key=lambda i: -s[i])
+    pos = {i: p + 1 for p, i in enumerate(by_pred)}
+    ideal = sorted(y, reverse=True)
+    max_dcg = max(sum((2**v - 1) / math.log2(1 + k + 1) for k, v in enumerate(ideal)), eps)
+    gain = [(2 ** v - 1) / max_dcg for v in y]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if y[i] > y[j]:
+                delta = abs(1 / math.log2(1 + pos[i]) - 1 / math.log2(1 + pos[j])) * abs(gain[i] - gain[j])
+                total += delta * _softplus(-(s[i] - s[j]))  # -log(sigma(d)^Delta) = Delta * softplus(-d)
+    return total if log == "natural" else total / math.log(2)
+
+
+def test_lipo_lambda_sum_is_allrank_lambda_loss() -> None:
+    """spec 2.10: allRank's lambdaLoss with lambdaRank_scheme and natural log = lipo_lambda_loss(
+    normalize=True, scale="none", reduction="sum"); its default binary log is that / ln 2."""
+    policy, ref, psi, mask, lengths = _batch(5)
+    policy[1, 1] += 0.37  # no ties in s (allRank's torch sort leaves the order of ties unspecified)
+    beta = 0.3
+    out = listwise_loss("lipo_lambda", policy, ref, mask=mask, scores=psi, beta=beta, normalize=True,
+                        scale="none", reduction="sum")
+    s = (beta * (policy - ref)).tolist()
+    want = sum(_allrank_lambda_rank(s[b][:n], psi[b, :n].tolist()) for b, n in enumerate(lengths))
+    assert out.loss.item() == pytest.approx(want, rel=1e-12)
+    binary = sum(_allrank_lambda_rank(s[b][:n], psi[b, :n].tolist(), "binary") for b, n in enumerate(lengths))
+    assert out.loss.item() / math.log(2) == pytest.approx(binary, rel=1e-12)
 
 
 def test_list_mle_against_loops() -> None:

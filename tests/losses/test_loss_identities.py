@@ -166,6 +166,12 @@ def test_identity_8_nca_one_hot_k2_is_pairwise_nca() -> None:
         sw, sl = s[0, 0], s[0, 1]
         want = -F.logsigmoid(sw) - 0.5 * F.logsigmoid(-sw) - 0.5 * F.logsigmoid(-sl)
         assert got == pytest.approx(want.item(), rel=1e-12)
+        # The pairwise NCA itself (preference_trainer.py loss_type="NCA"), column 0 chosen or by score.
+        pair = listwise_loss("nca", policy, ref, beta=beta, variant="pair").loss.item()
+        flipped = torch.tensor([[0.0, 1.0]], dtype=D64)
+        by_score = listwise_loss("nca", policy.flip(1), ref.flip(1), scores=flipped, beta=beta,
+                                 variant="pair").loss.item()
+        assert pair == pytest.approx(got, rel=1e-12) and by_score == pytest.approx(got, rel=1e-12)
 
 
 # 9 -----------------------------------------------------------------------------------------------
@@ -270,7 +276,7 @@ def _pad(x: torch.Tensor, extra: int, value: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("loss", LIPO)
-@pytest.mark.parametrize("reduction", ["rax", "paper"])
+@pytest.mark.parametrize("reduction", ["rax", "paper", "sum"])
 def test_identity_15_padding(loss: str, reduction: str) -> None:
     case = make_case(loss, batch=1, n=5, seed=15, full=True)
     kw = {"reduction": reduction}

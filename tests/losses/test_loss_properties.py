@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from loss_cases import ALL_LOSSES, PAIRWISE, make_case
 
 from raypo.losses import (
@@ -26,7 +27,8 @@ NAMES = [
 
 
 def test_registry_has_every_required_loss() -> None:
-    assert set(NAMES) | {"mallows_ipo"} == set(ALL_LOSSES)
+    # DESIGN.md's names, plus mallows_ipo (spec 4.2) and the spec 3.3 baseline ultrafb_best_worst_dpo.
+    assert set(NAMES) | {"mallows_ipo", "ultrafb_best_worst_dpo"} == set(ALL_LOSSES)
 
 
 # Non-default reductions / variants also checked for gradients and additivity.
@@ -40,7 +42,16 @@ VARIANTS: list[tuple[str, dict]] = [(n, {}) for n in ALL_LOSSES] + [
     ("lipo_list_mle", {"reduction": "paper"}),
     ("lipo_lambda", {"reduction": "paper", "scale": "none"}),
     ("lipo_lambda", {"scale": "valid", "normalize": True, "topn": 3}),
+    ("lipo_lambda", {"reduction": "sum", "scale": "none", "normalize": True}),  # allRank's lambdaLoss
+    ("lipo_pair_logistic", {"reduction": "sum"}),
+    ("lipo_pair_hinge", {"reduction": "sum"}),
+    ("lipo_point_mse", {"reduction": "sum"}),
+    ("lipo_point_sigmoid", {"reduction": "sum"}),
+    ("lipo_list_mle", {"reduction": "sum"}),
     ("lipo_softmax", {"normalize_labels": False}),
+    ("lipo_softmax", {"reduction": "sum"}),
+    ("nca", {"variant": "pair"}),
+    ("nca", {"variant": "biased"}),
     ("dpo", {"label_smoothing": 0.1}),
     ("simpo", {"loss_type": "hinge"}),
     ("mallows_theta", {"reference_free": False, "if_mixing_alpha": True, "home_advantage": 0.3,
@@ -88,14 +99,22 @@ def test_padding_gets_zero_gradient(name: str) -> None:
 @pytest.mark.parametrize(("name", "hp"), VARIANTS, ids=VARIANT_IDS)
 def test_micro_batch_additivity(name: str, hp: dict) -> None:
     """Numerators and denominators of micro-batches add up to those of the concatenated batch, so
-    sum(num) / sum(den) (and its gradient) equals the full-batch loss."""
+    sum(num) / sum(den) (and its gradient) equals the full-batch loss.
+
+    Documented exception: LiPO's ``reduction="sum"`` (allRank's plain sum, spec 2.10) has denominator 1 in
+    every non-empty micro-batch; its numerators (and their gradients) still add up, and the full batch's
+    loss is their sum."""
     case = _with(make_case(name, batch=7, n=6, seed=4), hp)
     full = case.call()
     parts = [case.rows(slice(0, 2)).call(), case.rows(slice(2, 3)).call(), case.rows(slice(3, 7)).call()]
     num = sum(p.numerator for p in parts)
     den = sum(p.denominator for p in parts)
     torch.testing.assert_close(num, full.numerator, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(den, full.denominator, rtol=0, atol=0)
+    if hp.get("reduction") == "sum":
+        assert [p.denominator.item() for p in parts] == [1.0, 1.0, 1.0] and full.denominator.item() == 1.0
+        den = full.denominator
+    else:
+        torch.testing.assert_close(den, full.denominator, rtol=0, atol=0)
     assert full.loss.item() == pytest.approx((num / den).item(), rel=1e-12)
     for key, value in full.metrics.items():
         if key == "all_skipped":
@@ -301,12 +320,14 @@ def test_unknown_loss_name_suggests() -> None:
 
 @pytest.mark.parametrize(("name", "kwargs", "pattern"), [
     ("dpo", {"beta": -1.0}, "beta"),
-    ("lipo_pair_logistic", {"reduction": "sum"}, "reduction"),
+    ("lipo_pair_logistic", {"reduction": "mean"}, "reduction"),
+    ("lipo_list_mle", {"reduction": "mean"}, "reduction"),
+    ("nca", {"variant": "biasedNCA"}, "variant"),
+    ("dpo", {"temperature": 0.0}, "temperature"),
     ("lipo_lambda", {"scale": "list"}, "scale"),
     ("lipo_lambda", {"topn": 0}, "topn"),
     ("wmpo", {}, "alpha"),
     ("wmpo", {"alpha": 0.0}, "alpha"),
-    ("simpo", {"gamma": 0.7, "gamma_beta_ratio": 0.25}, "disagree"),
     ("mallows_ipo", {"variant": "trl"}, "variant"),
 ])
 def test_bad_hparams_raise(name: str, kwargs: dict, pattern: str) -> None:
@@ -338,10 +359,11 @@ def test_inputs_wrongly_given_raise() -> None:
 
 def test_registry_fields_and_defaults() -> None:
     expected_defaults = {
-        "dpo": {"beta": 0.1, "label_smoothing": 0.0},
-        "ipo": {"beta": 0.1},
+        "dpo": {"beta": 0.1, "label_smoothing": 0.0, "temperature": 1.0},
+        "ultrafb_best_worst_dpo": {"beta": 0.1, "label_smoothing": 0.0, "temperature": 1.0},
+        "ipo": {"beta": 0.1, "temperature": 1.0},
         "simpo": {"beta": 2.0, "gamma": None, "gamma_beta_ratio": None, "label_smoothing": 0.0,
-                  "loss_type": "sigmoid"},
+                  "loss_type": "sigmoid", "temperature": 1.0},
         "lipo_lambda": {"beta": 0.05, "reduction": "rax", "scale": "padded", "normalize": False, "topn": None,
                         "log_base": 2.0, "weighting": "dcg"},
         "lambda_dpo": {"beta": 0.1, "temperature": 1.0, "default_rating": 1.0, "eps": 1e-10,
@@ -349,7 +371,7 @@ def test_registry_fields_and_defaults() -> None:
         "mpo": {"beta": 0.05, "alpha": 0.0},
         "wmpo": {"beta": 0.05, "alpha": None},
         "infonca": {"beta": 0.01, "temperature_alpha": 1e-4, "first_bonus": 0.01},
-        "nca": {"beta": 0.01, "temperature_alpha": 1e-4, "first_bonus": 0.01},
+        "nca": {"beta": 0.01, "temperature_alpha": 1e-4, "first_bonus": 0.01, "variant": "listwise"},
     }
     for name, defaults in expected_defaults.items():
         assert dict(LOSS_REGISTRY[name].defaults) == defaults
@@ -361,6 +383,9 @@ def test_registry_fields_and_defaults() -> None:
     assert LOSS_REGISTRY["simpo"].reference_free and not LOSS_REGISTRY["simpo"].uses_reference()
     assert LOSS_REGISTRY["lambda_dpo"].needs_lambda
     assert LOSS_REGISTRY["lambda_dpo"].labels == "per_dimension_scores"
+    ultrafb = LOSS_REGISTRY["ultrafb_best_worst_dpo"]  # spec 3.3: DPO on length-normalised log-probs
+    assert ultrafb.fn is LOSS_REGISTRY["dpo"].fn and ultrafb.labels == "per_dimension_scores"
+    assert ultrafb.logp_reduction == "mean" and not ultrafb.needs_lambda
     assert LOSS_REGISTRY["ipo"].logp_reduction == "mean" and LOSS_REGISTRY["dpo"].logp_reduction == "sum"
     assert LOSS_REGISTRY["lipo_lambda"].unit == "pair" and LOSS_REGISTRY["lipo_point_mse"].unit == "item"
     rows = registry_table()
@@ -458,3 +483,185 @@ def test_dpo_label_smoothing_and_ipo_with_scores() -> None:
     ipo = listwise_loss("ipo", policy, ref, scores=scores)
     big_d = (policy[0, 1] - policy[0, 2]) - (ref[0, 1] - ref[0, 2])
     assert ipo.loss.item() == pytest.approx(((big_d - 5.0) ** 2).item(), rel=1e-14)
+
+
+# InfoNCA / NCA soft labels in float32 ------------------------------------------------------------
+
+
+def test_nca_soft_labels_exact_in_float32_at_default_alpha() -> None:
+    """temperature_alpha = 1e-4 turns integer ratings into logits of 1e4-1e6; the labels must still be
+    exact in float32 (the row max is subtracted before dividing, in float64): ties at the top split 1/2,
+    response 0's bonus wins its tie outright, and float32 losses match float64."""
+    from raypo.losses.nca import nca_soft_labels
+
+    ratings = torch.tensor([[3.0, 7.0, 42.0, 42.0], [42.0, 42.0, 7.0, 3.0], [7.0, 3.0, 7.0, 3.0],
+                            [3.0, 42.0, 7.0, 3.0]], dtype=D64)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    want = torch.tensor([[0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0],
+                         [0.0, 1.0, 0.0, 0.0]], dtype=D64)
+    for dtype in (torch.float32, D64):
+        q = nca_soft_labels(ratings.to(dtype), mask)
+        assert q.dtype == dtype
+        torch.testing.assert_close(q, want.to(dtype), atol=1e-7, rtol=0)
+    g = torch.Generator().manual_seed(31)
+    ref = -150 + 20 * torch.randn(4, 4, generator=g, dtype=D64)
+    policy = ref + 5 * torch.randn(4, 4, generator=g, dtype=D64)
+    s = 0.01 * (policy - ref)
+    direct_info = -(want * torch.log_softmax(s, -1)).sum(-1).mean()
+    direct_nca = (-(want * F.logsigmoid(s)).sum(-1) - F.logsigmoid(-s).mean(-1)).mean()
+    for name, direct in (("infonca", direct_info), ("nca", direct_nca)):
+        a = listwise_loss(name, policy, ref, scores=ratings)
+        b = listwise_loss(name, policy.float(), ref.float(), scores=ratings.float())
+        assert a.loss.item() == pytest.approx(direct.item(), rel=1e-12)
+        assert b.loss.item() == pytest.approx(direct.item(), rel=2e-6)
+
+
+# LiPO reduction "sum" ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["lipo_pair_logistic", "lipo_pair_hinge", "lipo_point_mse",
+                                  "lipo_point_sigmoid", "lipo_list_mle", "lipo_softmax", "lipo_lambda"])
+def test_lipo_sum_reduction_is_the_plain_sum(loss: str) -> None:
+    """reduction="sum": numerator as "paper" (sum over the batch's pairs / items / lists), denominator 1,
+    so the value is the plain sum; a batch with nothing to sum has denominator 0."""
+    case = make_case(loss, batch=4, n=6, seed=41)
+    plain = listwise_loss(loss, case.policy, case.ref, mask=case.mask, scores=case.scores, reduction="sum")
+    paper = listwise_loss(loss, case.policy, case.ref, mask=case.mask, scores=case.scores, reduction="paper")
+    assert plain.denominator.item() == 1.0 and plain.metrics["all_skipped"].item() == 0.0
+    assert plain.loss.item() == pytest.approx(paper.numerator.item(), rel=1e-14)
+    if loss in ("lipo_pair_logistic", "lipo_pair_hinge", "lipo_lambda"):
+        tied = listwise_loss(loss, case.policy, case.ref, mask=case.mask,
+                             scores=torch.full_like(case.scores, 0.5), reduction="sum")
+        assert tied.denominator.item() == 0.0 and tied.loss.item() == 0.0
+        assert tied.metrics["all_skipped"].item() == 1.0
+
+
+# SimPO gamma precedence ----------------------------------------------------------------------------
+
+
+def test_simpo_explicit_gamma_wins_over_ratio() -> None:
+    """spec 3.3 / 10.10: an absolute gamma (LLaMA-Factory's simpo_gamma) next to the official default ratio
+    0.25 is not an error: the explicit gamma is used."""
+    avg = torch.tensor([[-0.9, -1.3], [-1.1, -1.0]], dtype=D64)
+    got = listwise_loss("simpo", avg, None, beta=2.5, gamma=0.5, gamma_beta_ratio=0.25)
+    want = -F.logsigmoid(2.5 * (avg[:, 0] - avg[:, 1]) - 0.5).mean()
+    assert got.loss.item() == pytest.approx(want.item(), rel=1e-14)
+    only_ratio = listwise_loss("simpo", avg, None, beta=2.5, gamma_beta_ratio=0.4)
+    assert only_ratio.loss.item() == pytest.approx(
+        -F.logsigmoid(2.5 * (avg[:, 0] - avg[:, 1]) - 1.0).mean().item(), rel=1e-14)
+    with pytest.raises(LossHyperparameterError, match="gamma"):
+        listwise_loss("simpo", avg, None, gamma=float("nan"))
+
+
+# Pairwise losses on per-dimension ratings (spec 3.3) ------------------------------------------------
+
+
+def _ultrafb_pick(ratings: list[list[list[float]]], valid: list[list[bool]], temperature: float
+                  ) -> list[tuple[int, int]]:
+    """Direct spec 3.3: aggregate = mean_k softmax_valid(R_k / T) (missing -> 1.0); best = argmax, worst =
+    argmin, first occurrence."""
+    picks = []
+    for rows, ok in zip(ratings, valid):
+        idx = [i for i in range(len(rows)) if ok[i]]
+        m = len(rows[0])
+        agg = {i: 0.0 for i in idx}
+        for k in range(m):
+            r = {i: (1.0 if math.isnan(rows[i][k]) else rows[i][k]) / temperature for i in idx}
+            top = max(r.values())
+            z = sum(math.exp(v - top) for v in r.values())
+            for i in idx:
+                agg[i] += math.exp(r[i] - top) / z / m
+        best = max(idx, key=lambda i: (agg[i], -i))
+        worst = min(idx, key=lambda i: (agg[i], i))
+        picks.append((best, worst))
+    return picks
+
+
+@pytest.mark.parametrize("temperature", [1.0, 100.0])
+def test_pairwise_losses_take_per_dimension_ratings(temperature: float) -> None:
+    """[B, N, m] ratings: best / worst by the mean over dimensions of softmax(R_k / T), then DPO (spec 3.3,
+    also registered as ultrafb_best_worst_dpo)."""
+    nan = math.nan
+    ratings = [
+        # T = 1: response 0 wins (0.479 vs 0.468); T = 100: response 1 (mean rating 3.1 vs 3.0).
+        [[5.0, 1.0], [3.0, 3.2], [1.0, 1.0], [9.0, 9.0]],
+        # A missing rating counts as 1.0: response 2 is worst, response 1 best; response 3 is padding.
+        [[2.0, 4.0], [4.0, 4.0], [nan, 1.0], [5.0, 5.0]],
+        [[3.0, 3.0], [4.0, 2.0], [2.0, 4.0], [1.0, 5.0]],
+    ]
+    valid = [[True, True, True, False], [True, True, True, False], [True, True, True, True]]
+    scores = torch.tensor(ratings, dtype=D64)
+    mask = torch.tensor(valid)
+    g = torch.Generator().manual_seed(43)
+    ref = -2.0 + 0.3 * torch.randn(3, 4, generator=g, dtype=D64)
+    policy = ref + 0.3 * torch.randn(3, 4, generator=g, dtype=D64)
+    picks = _ultrafb_pick(ratings, valid, temperature)
+    if temperature == 1.0:
+        assert picks[0] == (0, 2) and picks[1] == (1, 2)
+    else:
+        assert picks[0] == (1, 2)
+    beta = 0.1
+    s = beta * (policy - ref)
+    want = sum(-F.logsigmoid(s[b, w] - s[b, lo]).item() for b, (w, lo) in enumerate(picks)) / 3
+    for name in ("dpo", "ultrafb_best_worst_dpo"):
+        out = listwise_loss(name, policy, ref, mask=mask, scores=scores, beta=beta, temperature=temperature)
+        assert out.loss.item() == pytest.approx(want, rel=1e-12)
+        assert out.denominator.item() == 3
+
+
+@pytest.mark.parametrize("name", [n for n in PAIRWISE if n != "ultrafb_best_worst_dpo"] + ["nca"])
+def test_rated_pair_selection_equals_aggregated_scalar_scores(name: str) -> None:
+    """Every pairwise loss (and NCA's pair variants) picks from [B, N, m] ratings exactly as from their
+    aggregate_ratings scalar."""
+    from raypo.losses import aggregate_ratings
+
+    case = make_case(name, batch=4, n=5, seed=44)
+    ratings = torch.randint(1, 6, (4, 5, 3), generator=torch.Generator().manual_seed(45)).to(D64)
+    hp = {**case.hparams, **({"variant": "biased"} if name == "nca" else {})}
+    rated = listwise_loss(name, case.policy, case.ref, mask=case.mask, scores=ratings,
+                          dispersion=case.dispersion, **hp)
+    aggregate = aggregate_ratings(ratings, case.mask)
+    scalar = listwise_loss(name, case.policy, case.ref, mask=case.mask, scores=aggregate,
+                           dispersion=case.dispersion, **hp)
+    assert rated.loss.item() == pytest.approx(scalar.loss.item(), rel=1e-14)
+    assert rated.denominator.item() == scalar.denominator.item()
+
+
+# NCA pairwise variants (spec 6.1) ---------------------------------------------------------------------
+
+
+def test_nca_pair_and_biased_variants_formulas() -> None:
+    g = torch.Generator().manual_seed(46)
+    ref = -120 + 10 * torch.randn(3, 5, generator=g, dtype=D64)
+    policy = ref + 4 * torch.randn(3, 5, generator=g, dtype=D64)
+    scores = torch.tensor([[0.2, 0.9, 0.5, 0.1, 0.9], [3.0, 1.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]],
+                          dtype=D64)
+    beta = 0.05
+    s = beta * (policy - ref)
+    pairs = [(1, 3), (0, 4)]  # first occurrence of the max / min; prompt 2 is tied -> skipped
+    sw = torch.stack([s[b, w] for b, (w, _) in enumerate(pairs)])
+    sl = torch.stack([s[b, lo] for b, (_, lo) in enumerate(pairs)])
+    want = {
+        "pair": (-F.logsigmoid(sw) - 0.5 * F.logsigmoid(-sw) - 0.5 * F.logsigmoid(-sl)).mean(),
+        "biased": (-F.logsigmoid(sw) - F.logsigmoid(-sl)).mean(),
+    }
+    for variant, value in want.items():
+        out = listwise_loss("nca", policy, ref, scores=scores, beta=beta, variant=variant)
+        assert out.loss.item() == pytest.approx(value.item(), rel=1e-12)
+        assert out.denominator.item() == 2 and out.metrics["num_skipped"].item() == 1
+        # N = 2 without scores: column 0 is the chosen response, as for every pairwise loss.
+        two = listwise_loss("nca", policy[:, [1, 3]], ref[:, [1, 3]], beta=beta, variant=variant)
+        sw2, sl2 = s[:, 1], s[:, 3]
+        direct = (-F.logsigmoid(sw2) - F.logsigmoid(-sl2)) if variant == "biased" else (
+            -F.logsigmoid(sw2) - 0.5 * F.logsigmoid(-sw2) - 0.5 * F.logsigmoid(-sl2))
+        assert two.loss.item() == pytest.approx(direct.mean().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["pair", "biased"])
+def test_nca_pair_variants_gradient_signs(variant: str) -> None:
+    """spec 7 identity 17 for the pairwise forms: dL/dtheta_w < 0 < dL/dtheta_l at policy = reference."""
+    ref = torch.tensor([[-50.0, -40.0]], dtype=D64)
+    policy = ref.clone().requires_grad_(True)
+    out = listwise_loss("nca", policy, ref, variant=variant)
+    (grad,) = torch.autograd.grad(out.loss, policy)
+    assert grad[0, 0] < 0 < grad[0, 1]

@@ -2,18 +2,89 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
-from loss_cases import load_vectors, run_vector, vector_to_call
+from loss_cases import (
+    BUNDLED_VECTORS_PATH,
+    load_vectors,
+    run_vector,
+    tensor_like,
+    vector_loss_name,
+    vector_to_call,
+)
 
 from raypo.lambdas import LambdaScheduleConfig, TableSchedule, table_sample_index
-from raypo.losses import lipo_psi_from_ranks, mallows_phi_link, targets_from_ratings
+from raypo.losses import lipo_psi_from_ranks, list_losses, mallows_phi_link, targets_from_ratings
 from raypo.losses.nca import nca_soft_labels
 
 VECTORS = load_vectors()
 LOSS_VECTORS = [v for v in VECTORS if v["expected"].get("loss") is not None]
+
+
+def _skipped_batch(v: dict) -> bool:
+    """A loss vector whose batch value is None because every prompt is skipped (spec 5: MPO)."""
+    if v["expected"].get("loss") is not None or vector_loss_name(v) not in list_losses():
+        return False
+    per_prompt = v["expected"].get("per_prompt")
+    if per_prompt is not None:
+        return all(x is None for x in per_prompt)
+    return vector_loss_name(v) in ("mpo", "wmpo")
+
+
+SKIPPED_VECTORS = [v for v in VECTORS if _skipped_batch(v)]
+
+
+def _assert_close_given(got: torch.Tensor, expected: torch.Tensor, **tol) -> None:
+    """Compares where the expected value is given (null / NaN entries, e.g. at padding, are not)."""
+    given = ~torch.isnan(expected)
+    torch.testing.assert_close(got[given], expected[given], **tol)
+
+
+def check_loss_vector(v: dict) -> None:
+    """Loss (rel 1e-9) and gradient w.r.t. the policy log-probs (atol 1e-6), or an all-skipped batch."""
+    out, grad = run_vector(v)
+    exp = v["expected"]
+    assert out.loss.dtype == torch.float64
+    if exp.get("loss") is None:  # every prompt skipped: the batch value is None in the spec, 0 here
+        assert out.denominator.item() == 0.0 and out.loss.item() == 0.0
+        assert out.metrics["all_skipped"].item() == 1.0
+    else:
+        assert out.loss.item() == pytest.approx(exp["loss"], rel=1e-9, abs=1e-12)
+    if exp.get("grad_logp_theta") is not None:
+        _assert_close_given(grad, tensor_like(exp["grad_logp_theta"], grad.shape), atol=1e-6, rtol=0)
+    assert torch.isfinite(grad).all()
+
+
+def check_vector_derived(v: dict) -> None:
+    """Implicit rewards, targets, soft labels and per-dimension losses where the vector lists them."""
+    out, _ = run_vector(v)
+    derived, exp = v.get("derived") or {}, v["expected"]
+    call = vector_to_call(v)
+    if "s" in derived:
+        s = tensor_like(derived["s"], out.rewards.shape)
+        _assert_close_given(out.rewards, s, atol=1e-6, rtol=0)  # the vector rounds s to 7 digits
+    if "targets" in derived:  # [b, k, i]
+        ratings = call.kwargs["scores"]
+        temperature = call.hparams.get("temperature", 1.0)
+        t = targets_from_ratings(ratings, call.kwargs.get("mask"), temperature=temperature)
+        expected = tensor_like(derived["targets"], t.transpose(1, 2).shape).transpose(1, 2)
+        _assert_close_given(t, expected, atol=1e-11, rtol=0)
+    if "soft_labels" in derived:
+        scores = call.kwargs["scores"]
+        mask = call.kwargs.get("mask", torch.ones_like(call.policy, dtype=torch.bool)) & ~torch.isnan(scores)
+        q = nca_soft_labels(scores, mask,
+                            temperature_alpha=call.hparams.get("temperature_alpha", 1e-4),
+                            first_bonus=call.hparams.get("first_bonus", 0.01))
+        _assert_close_given(q, tensor_like(derived["soft_labels"], q.shape), atol=1e-11, rtol=0)
+    if exp.get("L_k") is not None:
+        per_dim = out.metrics["L_k_sum"] / out.denominator
+        _assert_close_given(per_dim, tensor_like(exp["L_k"], per_dim.shape), atol=1e-11, rtol=0)
+    if exp.get("per_prompt") is not None:  # null = a skipped prompt (spec 5)
+        given = [x for x in exp["per_prompt"] if x is not None]
+        assert out.numerator.item() == pytest.approx(sum(given), rel=1e-9, abs=1e-12)
 
 
 def test_vector_file_is_not_empty() -> None:
@@ -22,41 +93,18 @@ def test_vector_file_is_not_empty() -> None:
 
 @pytest.mark.parametrize("v", LOSS_VECTORS, ids=[v["id"] for v in LOSS_VECTORS])
 def test_loss_vector(v: dict) -> None:
-    out, grad = run_vector(v)
-    exp = v["expected"]
-    assert out.loss.dtype == torch.float64
-    assert out.loss.item() == pytest.approx(exp["loss"], rel=1e-9, abs=1e-12)
-    expected_grad = torch.tensor(exp["grad_logp_theta"], dtype=torch.float64).reshape(grad.shape)
-    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+    check_loss_vector(v)
 
 
 @pytest.mark.parametrize("v", LOSS_VECTORS, ids=[v["id"] for v in LOSS_VECTORS])
 def test_vector_derived_quantities(v: dict) -> None:
-    """Implicit rewards, targets, soft labels and per-dimension losses where the vector lists them."""
-    out, _ = run_vector(v)
-    derived, exp = v.get("derived") or {}, v["expected"]
-    call = vector_to_call(v)
-    if "s" in derived:
-        s = torch.tensor(derived["s"], dtype=torch.float64).reshape(out.rewards.shape)
-        torch.testing.assert_close(out.rewards, s, atol=1e-6, rtol=0)  # the vector rounds s to 7 digits
-    if "targets" in derived:  # [b, k, i]
-        ratings = call.kwargs["scores"]
-        temperature = call.hparams.get("temperature", 1.0)
-        t = targets_from_ratings(ratings, call.kwargs.get("mask"), temperature=temperature)
-        expected = torch.tensor(derived["targets"], dtype=torch.float64).transpose(1, 2)
-        torch.testing.assert_close(t, expected, atol=1e-11, rtol=0)
-    if "soft_labels" in derived:
-        mask = call.kwargs.get("mask", torch.ones_like(call.policy, dtype=torch.bool))
-        q = nca_soft_labels(call.kwargs["scores"], mask,
-                            temperature_alpha=call.hparams.get("temperature_alpha", 1e-4),
-                            first_bonus=call.hparams.get("first_bonus", 0.01))
-        expected = torch.tensor(derived["soft_labels"], dtype=torch.float64).reshape(q.shape)
-        torch.testing.assert_close(q, expected, atol=1e-11, rtol=0)
-    if "L_k" in exp:
-        per_dim = out.metrics["L_k_sum"] / out.denominator
-        torch.testing.assert_close(per_dim, torch.tensor(exp["L_k"], dtype=torch.float64), atol=1e-11, rtol=0)
-    if "per_prompt" in exp:
-        assert out.numerator.item() == pytest.approx(sum(exp["per_prompt"]), rel=1e-9)
+    check_vector_derived(v)
+
+
+def test_all_skipped_vectors() -> None:
+    for v in SKIPPED_VECTORS:
+        check_loss_vector(v)
+        check_vector_derived(v)
 
 
 def _by_fn(fn: str) -> list[dict]:
@@ -91,3 +139,92 @@ def test_table_scheduler_vector(v: dict) -> None:
     assert sched.last_indices == expected
     rows = torch.tensor(v["inputs"]["table_lambdas"], dtype=torch.float64)
     torch.testing.assert_close(lam, rows[expected])
+
+
+# Vector forms a held-back file may use --------------------------------------------------------------
+
+
+# Built from the bundled copy of the spec's vectors, whatever RAYPO_LOSS_VECTORS points at.
+BUNDLED = load_vectors(BUNDLED_VECTORS_PATH)
+
+
+def _vector(vid: str) -> dict:
+    return copy.deepcopy(next(v for v in BUNDLED if v["id"] == vid))
+
+
+def _forms_lipo_padding() -> list[dict]:
+    """lipo_point_sigmoid_N8_rax (rax: mean over valid items, padding-invariant) with 3 padded responses."""
+    base = _vector("lipo_point_sigmoid_N8_rax")
+    out = []
+    for form in ("null_01_mask", "null_bool_mask", "null_no_mask", "na_string"):
+        v = copy.deepcopy(base)
+        inp = v["inputs"]
+        pad = ["N/A"] * 3 if form == "na_string" else [None] * 3
+        inp["logp_theta"] = inp["logp_theta"] + [None] * 3
+        inp["logp_ref"] = inp["logp_ref"] + [None] * 3
+        inp["psi"] = inp["psi"] + pad
+        if form != "null_no_mask":
+            flags = [True] * 8 + [False] * 3
+            inp["mask"] = flags if form == "null_bool_mask" else [int(f) for f in flags]
+        v["derived"]["s"] = v["derived"]["s"] + [None] * 3
+        grad_pad = [0.0] * 3 if form == "na_string" else [None] * 3
+        v["expected"]["grad_logp_theta"] = v["expected"]["grad_logp_theta"] + grad_pad
+        v["id"] = f"{v['id']}_{form}"
+        out.append(v)
+    return out
+
+
+def _forms_mpo_skipped_prompt() -> list[dict]:
+    """mpo_N4_alpha0 plus a prompt whose scores are all equal (skipped: per_prompt null, spec 5), padded with
+    nulls or given as a shorter (ragged) row."""
+    base = _vector("mpo_N4_alpha0")
+    second_theta, second_ref = [-150.25, -149.5, -160.0], [-151.0, -150.75, -158.5]
+    out = []
+    for form in ("padded", "ragged"):
+        v = copy.deepcopy(base)
+        inp, exp = v["inputs"], v["expected"]
+        tail = [None] if form == "padded" else []
+        inp["logp_theta"] = [inp["logp_theta"], second_theta + tail]
+        inp["logp_ref"] = [inp["logp_ref"], second_ref + tail]
+        inp["scores"] = [inp["scores"], [2.0, 2.0, 2.0] + tail]
+        exp["grad_logp_theta"] = [exp["grad_logp_theta"], [0.0, 0.0, 0.0] + tail]
+        exp["per_prompt"] = [exp["per_prompt"][0], None]
+        v["derived"]["s"] = [v["derived"]["s"], [None] * 4]
+        v["id"] = f"mpo_N4_alpha0_plus_skipped_{form}"
+        out.append(v)
+    all_skipped = copy.deepcopy(base)
+    all_skipped["inputs"].update(logp_theta=[second_theta], logp_ref=[second_ref], scores=[[2.0, 2.0, 2.0]])
+    all_skipped["expected"] = {"loss": None, "grad_logp_theta": [[0.0, 0.0, 0.0]], "per_prompt": [None]}
+    all_skipped["derived"] = {}
+    all_skipped["id"] = "mpo_all_skipped"
+    return [*out, all_skipped]
+
+
+def _forms_lambda_dpo_na() -> list[dict]:
+    """The official lambda-DPO vector with a rating of 1.0 given as "N/A" / null / "" (spec 3.2: a missing
+    rating becomes default_rating = 1.0, so every expected value stays the same)."""
+    out = []
+    for missing in ("N/A", None, ""):
+        v = _vector("lambda_dpo_B1N4_table_row0_official_eps")
+        ratings = v["inputs"]["ratings[b,k,i]"]
+        assert ratings[0][0][1] == 1.0 and ratings[0][3][0] == 1.0
+        ratings[0][0][1] = missing
+        ratings[0][3][0] = missing
+        v["id"] = f"{v['id']}_missing_{missing!r}"
+        out.append(v)
+    return out
+
+
+FORMS = _forms_lipo_padding() + _forms_mpo_skipped_prompt() + _forms_lambda_dpo_na()
+
+
+@pytest.mark.parametrize("v", FORMS, ids=[v["id"] for v in FORMS])
+def test_vector_adapter_accepts_null_padding_na_ratings_and_null_per_prompt(v: dict) -> None:
+    """Held-back vectors may give null (or "N/A") at padded positions, "N/A" for a missing rating, ragged
+    rows, bool masks, and null per_prompt entries for skipped prompts: the adapter maps them to the spec's
+    meaning (padding masked, missing rating = 1.0, skipped prompts not summed)."""
+    check_loss_vector(v)
+    check_vector_derived(v)
+    if v["id"].startswith("mpo_N4_alpha0_plus_skipped"):
+        out, _ = run_vector(v)
+        assert out.denominator.item() == 1.0 and out.metrics["num_skipped"].item() == 1.0

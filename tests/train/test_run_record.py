@@ -26,10 +26,9 @@ def test_first_start_writes_the_record_and_the_same_run_resumes(tmp_path):
     assert check_or_write_run_record(resumed, "r") is True
 
 
-@pytest.mark.parametrize("override, key", [("loss.name=dpo", "loss.name"),
-                                            ("scaling.num_workers=1", "scaling.num_workers"),
-                                            ("optimizer.lr=0.5", "optimizer.lr"),
-                                            ("data.train_path=synthetic://default?seed=9", "data.train_path")])
+@pytest.mark.parametrize("override, key", [
+    ("loss.name=dpo", "loss.name"), ("scaling.num_workers=1", "scaling.num_workers"),
+    ("optimizer.lr=0.5", "optimizer.lr"), ("data.train_path=synthetic://default?seed=9", "data.train_path")])
 def test_a_different_run_under_the_same_name_is_refused(tmp_path, override, key):
     check_or_write_run_record(cfg_for(tmp_path), "r")
     with pytest.raises(RunConflictError) as err:
