@@ -6,15 +6,19 @@ group costs in one forward are
     shared layout:    t_g = P_g + sum_i R_gi            (prompt once, :func:`raypo.packing.pack_shared`)
     unshared layout:  t_g = N_g * P_g + sum_i R_gi      (:func:`raypo.packing.pack_unshared`)
 
-:func:`plan_micro_batches` turns the lengths of the groups of one global step into a plan
+Both layouts pad their rows to the longest row of the micro-batch, so a micro-batch of groups G really runs
+(and holds activations for) a dense ``[rows, L]`` tensor of
 
-    plan.ranks[r][j] = the group indices of rank r's micro-batch j,   j = 0 .. M-1 on every rank
+    padded(G) = sum_{g in G} rows_g * max_{g in G} width_g      (:func:`group_shape`)
+    shared: rows_g = 1, width_g = t_g;   unshared: rows_g = N_g, width_g = P_g + max_i R_gi
 
-in three steps:
+tokens. Given the groups' shapes, the planner bounds and balances that padded size (what memory and time
+follow); without them it counts t_g alone (a layout that concatenates groups without padding).
 
-1. **Bins** (first-fit decreasing): groups sorted by t_g, each put into the first micro-batch whose load
-   stays <= ``token_budget``; a group longer than the budget gets a micro-batch of its own (it has to be
-   trained somewhere; :attr:`MicroBatchPlan.oversized` lists them). FFD uses at most 11/9 OPT + 6/9 bins.
+1. **Bins** (first-fit decreasing): groups sorted by t_g (by width_g, then t_g, with shapes), each put
+   into the first micro-batch whose load stays <= ``token_budget``; a group longer than the budget gets a
+   micro-batch of its own (it has to be trained somewhere; :attr:`MicroBatchPlan.oversized` lists them).
+   FFD uses at most 11/9 OPT + 6/9 bins (for the unpadded load).
 2. **Equal counts**: ZeRO-3 runs collectives inside every forward and backward, so every rank must run the
    same number M = ceil(#bins / W) of micro-batches; the plan is padded with empty micro-batches (``[]``),
    which the feed turns into zero-weight forwards (as :func:`raypo.train.loop.evaluate` does).
@@ -25,13 +29,19 @@ in three steps:
    plan reports that against the perfectly balanced sum_j mean_r load[r][j] (:attr:`sync_efficiency`)
    and the per-rank totals' max / mean (:attr:`imbalance`).
 
-Where it plugs in: the trainer feeds each rank ``train.micro_batch_size`` groups per micro-batch from an
-equal-row ``streaming_split`` (:func:`raypo.data.pipeline.data_config`), which balances rows, not tokens.
-A token-budget feed would read the rows of one global step (``W * k`` groups, or a token total), call
-:func:`plan_micro_batches` on their ``num_tokens`` (or :func:`group_token_lengths`), and hand rank r the
-groups of ``plan.ranks[r]`` — e.g. a Ray Data ``map_batches`` over global-step blocks that tags each row
-with (step, rank, micro) before the split, or an all-gather of the lengths in the worker loop. Not wired
-in yet: the current loop keeps its fixed group count per micro-batch.
+Where it plugs in (``train.token_budget > 0``, :func:`raypo.train.loop.train_step`): every rank reads its
+``train.micro_batch_size * train.grad_accum_steps`` groups of the step from its equal-row ``streaming_split``
+exactly as without packing (so step counts, epochs, data order and the resume position are unchanged) and
+draws their lambdas in that order (so the lambda schedule's state is too). The ranks then all-gather the
+step's groups (with their lambdas), every rank runs :func:`plan_micro_batches` on the same list with the
+groups' :func:`group_shape` and gets the same plan, and rank r trains the groups of ``plan.ranks[r]``:
+M micro-batches on every rank, an empty one as a zero-weight forward and backward of the step's cheapest
+group. The loss stays normalised over the whole global step (sum of numerators / sum of denominators), so
+the gradient equals the unpacked step's up to float rounding; the DeepSpeed engine is told the
+accumulation boundary explicitly (the last of the M micro-batches), so it steps once whatever M is.
+With ``train.reference: precomputed`` every policy forward holds a single group (bitwise the reference
+stage's computation), so a rank's groups run one per micro-batch and the ranks pad to the largest count;
+the plan then only balances tokens across ranks.
 """
 
 from __future__ import annotations
@@ -49,10 +59,32 @@ def group_tokens(prompt_length: int, response_lengths: Sequence[int], *, prefix_
     return (prompt if prefix_sharing else prompt * len(responses)) + sum(responses)
 
 
+def group_shape(prompt_length: int, response_lengths: Sequence[int], *,
+                prefix_sharing: bool = True) -> tuple[int, int]:
+    """(rows, width) of one group in a padded layout: (1, P + sum_i R_i) shared, (N, P + max_i R_i)
+    unshared; a micro-batch of groups G runs sum(rows) * max(width) padded tokens."""
+    prompt = int(prompt_length)
+    responses = [int(r) for r in response_lengths]
+    if prefix_sharing:
+        return 1, prompt + sum(responses)
+    return max(len(responses), 1), prompt + max(responses, default=0)
+
+
 def group_token_lengths(rows: Sequence[Mapping[str, Any]], *, prefix_sharing: bool = True) -> list[int]:
     """:func:`group_tokens` of tokenised rows (``prompt_ids`` and ``response_ids``)."""
     return [group_tokens(len(r["prompt_ids"]), [len(x) for x in r["response_ids"]],
                          prefix_sharing=prefix_sharing) for r in rows]
+
+
+def group_shapes(rows: Sequence[Mapping[str, Any]], *, prefix_sharing: bool = True) -> list[tuple[int, int]]:
+    """:func:`group_shape` of tokenised rows (``prompt_ids`` and ``response_ids``)."""
+    return [group_shape(len(r["prompt_ids"]), [len(x) for x in r["response_ids"]],
+                        prefix_sharing=prefix_sharing) for r in rows]
+
+
+def padded_tokens(shapes: Sequence[tuple[int, int]]) -> int:
+    """sum(rows) * max(width): the dense [rows, L] size of one micro-batch of groups of these shapes."""
+    return sum(r for r, _ in shapes) * max((w for _, w in shapes), default=0)
 
 
 @dataclass
@@ -60,14 +92,16 @@ class MicroBatchPlan:
     """Whole groups per rank and micro-step; see the module docstring.
 
     ranks: [W][M] lists of group indices (``[]`` = an empty, zero-weight micro-batch).
-    loads: [W][M] tokens of each micro-batch.
+    loads: [W][M] tokens of each micro-batch (padded tokens when planned with shapes).
     oversized: indices of groups longer than the budget (each alone in its micro-batch).
+    padded: whether ``loads`` count padded tokens (:func:`padded_tokens`) rather than sum t_g.
     """
 
     ranks: list[list[list[int]]]
     loads: list[list[int]]
     token_budget: int
     oversized: list[int]
+    padded: bool = False
 
     @property
     def world_size(self) -> int:
@@ -112,27 +146,36 @@ class MicroBatchPlan:
         return total / (real * self.token_budget) if real else 0.0
 
 
-def first_fit_decreasing(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Bins of group indices with sum(lengths) <= token_budget each (an oversized group alone).
+def first_fit_decreasing(lengths: Sequence[int], token_budget: int,
+                         shapes: Sequence[tuple[int, int]] | None = None) -> list[list[int]]:
+    """Bins of group indices with load <= token_budget each (an oversized group alone).
 
-    Groups are placed longest first into the first bin with room (ties: lower index first), so the result is
-    deterministic.
+    The load of a bin is sum(lengths), or with ``shapes`` (rows_g, width_g) its padded size
+    sum(rows) * max(width). Groups are placed longest first (widest first with shapes) into the first bin
+    with room (ties: lower index first), so the result is deterministic.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1 token, got {token_budget}")
-    order = sorted(range(len(lengths)), key=lambda g: (-int(lengths[g]), g))
+    if shapes is not None and len(shapes) != len(lengths):
+        raise ValueError(f"{len(shapes)} shapes for {len(lengths)} groups; give one (rows, width) per group")
+    if shapes is None:
+        order = sorted(range(len(lengths)), key=lambda g: (-int(lengths[g]), g))
+    else:
+        order = sorted(range(len(lengths)), key=lambda g: (-int(shapes[g][1]), -int(lengths[g]), g))
     bins: list[list[int]] = []
-    loads: list[int] = []
+    state: list[tuple[int, int]] = []  # (load, 0) or (sum of rows, max width) per bin
     for g in order:
         size = int(lengths[g])
-        for b, load in enumerate(loads):
-            if load + size <= token_budget:
+        rows, width = (int(shapes[g][0]), int(shapes[g][1])) if shapes is not None else (0, 0)
+        for b, (x, y) in enumerate(state):
+            new = (x + size, 0) if shapes is None else (x + rows, max(y, width))
+            if (new[0] if shapes is None else new[0] * new[1]) <= token_budget:
                 bins[b].append(g)
-                loads[b] += size
+                state[b] = new
                 break
         else:
             bins.append([g])
-            loads.append(size)
+            state.append((size, 0) if shapes is None else (rows, width))
     return bins
 
 
@@ -163,23 +206,31 @@ def assign_balanced(bins: list[list[int]], bin_loads: list[int], world_size: int
     return ranks, loads
 
 
-def plan_micro_batches(lengths: Sequence[int], token_budget: int, world_size: int) -> MicroBatchPlan:
+def plan_micro_batches(lengths: Sequence[int], token_budget: int, world_size: int, *,
+                       shapes: Sequence[tuple[int, int]] | None = None) -> MicroBatchPlan:
     """Micro-batches of whole groups under ``token_budget`` tokens, balanced across ``world_size`` ranks.
 
     Args:
         lengths: tokens of each group of the global step (:func:`group_tokens`).
         token_budget: the most tokens one micro-batch may hold (one packed forward).
         world_size: data-parallel ranks W.
+        shapes: optional (rows, width) of each group in a padded layout (:func:`group_shape`); then the
+            budget bounds, and the balance evens out, each micro-batch's padded size (:func:`padded_tokens`).
 
     Returns:
         A :class:`MicroBatchPlan`; every group appears exactly once, every rank has the same number of
         micro-batches (padding ones are empty).
     """
-    bins = first_fit_decreasing(lengths, token_budget)
-    bin_loads = [sum(int(lengths[g]) for g in b) for b in bins]
+    bins = first_fit_decreasing(lengths, token_budget, shapes)
+    if shapes is None:
+        bin_loads = [sum(int(lengths[g]) for g in b) for b in bins]
+        oversized = sorted(g for g, n in enumerate(lengths) if int(n) > token_budget)
+    else:
+        bin_loads = [padded_tokens([shapes[g] for g in b]) for b in bins]
+        oversized = sorted(g for g, s in enumerate(shapes) if padded_tokens([s]) > token_budget)
     ranks, loads = assign_balanced(bins, bin_loads, world_size)
-    oversized = sorted(g for g, n in enumerate(lengths) if int(n) > token_budget)
-    return MicroBatchPlan(ranks=ranks, loads=loads, token_budget=int(token_budget), oversized=oversized)
+    return MicroBatchPlan(ranks=ranks, loads=loads, token_budget=int(token_budget), oversized=oversized,
+                          padded=shapes is not None)
 
 
 def fixed_count_plan(lengths: Sequence[int], groups_per_micro: int, world_size: int) -> MicroBatchPlan:

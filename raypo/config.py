@@ -85,7 +85,6 @@ class DataConfig:
     overlong: str = "truncate"  # truncate | drop
     max_reject_fraction: float = 0.01
     quarantine_path: Optional[str] = None
-    rating_temperature: float = 1.0
     merge_pairs: bool = True  # pairwise: merge a prompt's pairs into one ranked list when consistent
     keep_system_prompt: bool = False  # ultrafeedback: keep completions' custom_system_prompt in metadata
     tokenize_concurrency: int = 1  # tokenizer actors (Ray Data map_batches concurrency)
@@ -112,7 +111,7 @@ class LearnedLambdaConfig:
     score_column: str = "eval/pairwise_accuracy"
     degree: int = 2
     num_candidates: int = 10
-    temperature: float = 0.01
+    temperature: float = 0.1
 
 
 @dataclass
@@ -173,6 +172,11 @@ class TrainConfig:
     # files, the tokenised rows and the stage settings (raypo.train.reference_cache); None: no cache
     reference_cache: Optional[str] = None
     response_chunk_size: int = 0  # 0: all N responses at once; k: listwise micro-batching in chunks of k
+    # 0: every micro-batch holds micro_batch_size groups, as read. T > 0: each step's groups (still read
+    # micro_batch_size * grad_accum_steps per rank) are packed across ranks into micro-batches of at most T
+    # padded tokens (rows x longest row), balanced so every rank runs the same number (raypo.balance); a group
+    # larger than T gets a micro-batch of its own. Same gradient as 0; e.g. 16384 for an 8B model on A100-80GB
+    token_budget: int = 0
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 0  # 0: the whole eval split
 
@@ -265,6 +269,11 @@ class RaypoConfig:
 # ----------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------
+
+
+class RunError(RuntimeError):
+    """A problem with the data or the run (not the config's syntax) found before any training starts; the
+    message says what is wrong and what to do. ``raypo`` prints it and exits with status 1."""
 
 
 class ConfigError(ValueError):
@@ -450,7 +459,7 @@ def to_yaml(cfg: RaypoConfig) -> str:
 LOSS_NAMES = (
     "dpo", "ipo", "slic", "simpo", "lipo_pair_logistic", "lipo_pair_hinge", "lipo_list_mle", "lipo_softmax",
     "lipo_point_mse", "lipo_point_sigmoid", "lipo_lambda", "lambda_dpo", "mallows_theta", "mallows_phi",
-    "mallows_ipo", "mpo", "wmpo", "infonca", "nca",
+    "mallows_ipo", "mpo", "wmpo", "infonca", "nca", "ultrafb_best_worst_dpo",
 )
 LAMBDA_SCHEDULES = ("fixed", "uniform", "dirichlet", "normalized_uniform", "gaussian", "onehot", "cycle",
                     "table", "learned")
@@ -507,7 +516,6 @@ def validate(cfg: RaypoConfig) -> list[str]:
         p.append(f"data.max_reject_fraction={d.max_reject_fraction} must be in [0, 1]; e.g. 0.01 for 1%")
     _positive(p, "data.max_prompt_length", d.max_prompt_length)
     _positive(p, "data.max_response_length", d.max_response_length)
-    _positive(p, "data.rating_temperature", d.rating_temperature)
     _at_least(p, "data.tokenize_concurrency", d.tokenize_concurrency, 1)
 
     _choice(p, "loss.name", lo.name, LOSS_NAMES)
@@ -584,6 +592,10 @@ def validate(cfg: RaypoConfig) -> list[str]:
     _at_least(p, "train.max_steps", t.max_steps, 1)
     _at_least(p, "train.epochs", t.epochs, 1)
     _at_least(p, "train.response_chunk_size", t.response_chunk_size, 0)
+    if t.token_budget < 0:
+        p.append(f"train.token_budget={t.token_budget} must be >= 0: 0 keeps train.micro_batch_size groups "
+                 "per micro-batch; a positive value packs whole groups into micro-batches of at most that "
+                 "many tokens, e.g. train.token_budget=16384")
     _at_least(p, "train.eval_every", t.eval_every, 0)
     _choice(p, "train.reference", t.reference, ("online", "precomputed"))
     if t.reference_cache and t.reference != "precomputed":

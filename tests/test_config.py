@@ -136,3 +136,10 @@ def test_loss_params_are_checked_against_the_loss_registry():
     assert "loss.params.scael" in str(exc.value) and "did you mean 'scale'" in str(exc.value)
     cfg = config_from_dict({"loss": {"name": "lipo_lambda", "params": {"scale": "valid"}}})
     assert cfg.loss.params == {"scale": "valid"}
+
+
+def test_every_registered_loss_is_a_valid_loss_name():
+    from raypo.config import LOSS_NAMES
+    from raypo.losses.registry import LOSS_REGISTRY
+
+    assert set(LOSS_NAMES) == set(LOSS_REGISTRY)

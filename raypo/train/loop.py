@@ -15,6 +15,13 @@ steps equal one batch k times larger, and 2 workers equal 1 worker with twice th
 ZeRO-3 runs collectives inside forward and backward, so every rank must make the same calls: a step runs
 only when every rank has k micro-batches (all-reduce MIN), the response-chunk count is agreed across ranks
 (all-reduce MAX of N), and evaluation pads the ranks that run out of rows with zero-weight forwards.
+
+Token-budget packing (``train.token_budget = T > 0``, :mod:`raypo.balance`): each rank still reads the same
+k micro-batches (so data order, epochs and the resume position do not change) and draws their lambdas, then
+the ranks all-gather the step's groups, plan M micro-batches of at most T padded tokens per rank from the
+same list (identical plans everywhere), and each rank trains its own M; an empty micro-batch is a
+zero-weight forward and backward. M varies from step to step, so the loop tells DeepSpeed where the
+accumulation boundary is (``engine.set_gradient_accumulation_boundary``) and calls ``engine.step()`` once.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from raypo.balance import MicroBatchPlan, group_shape, group_tokens, padded_tokens, plan_micro_batches
 from raypo.config import RaypoConfig, config_from_dict
 from raypo.lambdas import build_lambda_schedule
 from raypo.listwise_model import ListwiseLogProbModel, grouped_logprobs
@@ -97,13 +105,25 @@ def worker_dtype(cfg: RaypoConfig) -> str:
     return "bfloat16" if cfg.scaling.use_gpu else "float32"
 
 
+def s3_options(cfg: RaypoConfig) -> dict[str, Any]:
+    """s3fs options for model sources: ``data.s3`` endpoint and region, else the environment's."""
+    from raypo.modeling import s3_storage_options
+
+    return s3_storage_options(cfg.data.s3.endpoint_url, cfg.data.s3.region)
+
+
 def build_engines(cfg: RaypoConfig, policy_path: str, ref_path: str, *, world_size: int,
                   needs_online_reference: bool, total_steps: int) -> Engines:
     import deepspeed
     from transformers import AutoConfig
 
-    from raypo.modeling import load_policy, load_reference, load_tokenizer
+    from raypo.modeling import load_policy, load_reference, load_tokenizer, resolve_model_source
 
+    # s3:// and tiny:// sources are resolved here, on this worker's node (a node the driver never saw, on
+    # an autoscaling cluster); resolving is idempotent and node-locally cached
+    options = s3_options(cfg)
+    policy_path = resolve_model_source(policy_path, storage_options=options)
+    ref_path = resolve_model_source(ref_path, storage_options=options)
     hf_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     dtype = worker_dtype(cfg)
     hidden = int(getattr(hf_config, "hidden_size", 1024))
@@ -298,22 +318,168 @@ def finalize(sums: MetricSums, prefix: str) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Token-budget packing of the step's groups (raypo.balance)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepMicroBatch:
+    """One forward/backward of a step: whole groups, their lambdas [B, m] (or None) and whether they count.
+
+    ``real=False`` marks a padding micro-batch: it runs forward and backward with zero weight, only so
+    that every rank makes the same ZeRO-3 collectives; it adds nothing to the loss, gradient or metrics.
+    """
+
+    batch: ListwiseBatch
+    lam: Optional[torch.Tensor]
+    real: bool = True
+
+
+def concat_groups(parts: Sequence[ListwiseBatch]) -> ListwiseBatch:
+    """The groups of several batches as one batch, as :func:`raypo.packing.collate_listwise` would collate
+    their rows: list width N = the widest group, per-response extras NaN-padded (kept when every part has
+    them), response masks kept when every part has them."""
+    n = max(len(rs) for p in parts for rs in p.response_ids)
+    extras = {}
+    for key in parts[0].extras:
+        if not all(key in p.extras for p in parts):
+            continue
+        cols = []
+        for p in parts:
+            value = p.extras[key][:, :n]
+            if value.shape[1] < n:
+                pad = torch.full((value.shape[0], n - value.shape[1], *value.shape[2:]), math.nan,
+                                 dtype=value.dtype)
+                value = torch.cat([value, pad], dim=1)
+            cols.append(value)
+        extras[key] = torch.cat(cols)
+    masks = None
+    if all(p.response_masks is not None for p in parts):
+        masks = [m for p in parts for m in p.response_masks]
+    return ListwiseBatch([g for p in parts for g in p.prompt_ids], [g for p in parts for g in p.response_ids],
+                         num_responses=n, extras=extras, response_masks=masks)
+
+
+def _group_cost(group: ListwiseBatch, prefix_sharing: bool) -> tuple[int, tuple[int, int]]:
+    """(tokens, (rows, width)) of a one-group batch in the layout of the forward (:mod:`raypo.balance`)."""
+    prompt, responses = len(group.prompt_ids[0]), [len(r) for r in group.response_ids[0]]
+    return (group_tokens(prompt, responses, prefix_sharing=prefix_sharing),
+            group_shape(prompt, responses, prefix_sharing=prefix_sharing))
+
+
+def batch_padded_tokens(batch: ListwiseBatch, prefix_sharing: bool, per_group: bool = False) -> int:
+    """Tokens of the dense [rows, L] input(s) one forward of ``batch`` runs (padding included)."""
+    shapes = [_group_cost(batch.select_groups(b, b + 1), prefix_sharing)[1] for b in range(batch.num_groups)]
+    if per_group:
+        return sum(padded_tokens([s]) for s in shapes)
+    return padded_tokens(shapes)
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+def route_packed(groups: Sequence[ListwiseBatch], lams: Sequence[Optional[torch.Tensor]],
+                 plan: MicroBatchPlan, rank: int, *, per_group: bool = False,
+                 dummy: int = 0) -> list[StepMicroBatch]:
+    """Rank ``rank``'s micro-batches of the step under ``plan`` (the same plan on every rank).
+
+    ``groups`` / ``lams``: the step's groups of all ranks (one-group batches, rank order) and their
+    lambdas [1, m]. An empty micro-batch of the plan becomes a zero-weight copy of group ``dummy`` (the
+    step's cheapest). ``per_group`` (one forward per group, precomputed reference): the rank's groups run
+    one per micro-batch and every rank pads to the largest group count, so forward counts still match.
+    """
+    if per_group:
+        mine = [[g] for micro in plan.ranks[rank] for g in micro]
+        count = max(sum(len(micro) for micro in row) for row in plan.ranks)
+        mine += [[] for _ in range(count - len(mine))]
+    else:
+        mine = plan.ranks[rank]
+    out = []
+    for micro in mine:
+        if not micro:
+            out.append(StepMicroBatch(groups[dummy], lams[dummy], real=False))
+            continue
+        lam = None if lams[micro[0]] is None else torch.cat([lams[g] for g in micro])
+        out.append(StepMicroBatch(concat_groups([groups[g] for g in micro]), lam))
+    return out
+
+
+def pack_step(micro: Sequence[ListwiseBatch], lams: Sequence[Optional[torch.Tensor]], token_budget: int, *,
+              rank: int, world_size: int, prefix_sharing: bool, per_group: bool,
+              device: torch.device) -> tuple[list[StepMicroBatch], MicroBatchPlan]:
+    """This rank's token-budget micro-batches for the step whose groups every rank read as ``micro``.
+
+    All ranks exchange their groups and lambdas (one ``all_gather_object``; the lambdas were drawn before,
+    in read order, so the schedule's state is that of an unpacked run), plan the same global list with
+    :func:`raypo.balance.plan_micro_batches` on the groups' padded shapes, and keep their share.
+    """
+    local = [(b.select_groups(g, g + 1), None if lam is None else lam[g:g + 1].detach().cpu())
+             for b, lam in zip(micro, lams) for g in range(b.num_groups)]
+    everything = [item for part in _all_gather_objects(local) for item in part]
+    groups = [g for g, _ in everything]
+    group_lams = [None if lam is None else lam.to(device) for _, lam in everything]
+    costs = [_group_cost(g, prefix_sharing) for g in groups]
+    lengths, shapes = [c[0] for c in costs], [c[1] for c in costs]
+    plan = plan_micro_batches(lengths, token_budget, world_size, shapes=shapes)
+    dummy = min(range(len(groups)), key=lambda g: (padded_tokens([shapes[g]]), lengths[g], g))
+    return route_packed(groups, group_lams, plan, rank, per_group=per_group, dummy=dummy), plan
+
+
+def _set_accumulation_boundary(engine, is_boundary: bool) -> None:
+    """Tell DeepSpeed whether the next backward ends the step (its own counter assumes a fixed count).
+
+    Unmanaged accumulation (``managed_gradient_accumulation: false`` in a DeepSpeed override) has no such
+    switch: there ``engine.step()`` itself is the boundary."""
+    managed = getattr(engine, "managed_gradient_accumulation", None)
+    if managed is not None and not managed():
+        return
+    engine.set_gradient_accumulation_boundary(is_boundary)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Train step and evaluation
 # ----------------------------------------------------------------------------------------------------
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def train_step(cfg: RaypoConfig, setup: LossSetup, engines: Engines, micro: list[ListwiseBatch], schedule,
                device: torch.device, world_size: int) -> MetricSums:
-    """One optimizer step over ``micro`` (this rank's k micro-batches); returns local metric sums."""
+    """One optimizer step over ``micro`` (the k micro-batches this rank read); returns local metric sums.
+
+    With ``train.token_budget > 0`` the step's groups of all ranks are repacked first (:func:`pack_step`);
+    otherwise the k micro-batches run as read.
+    """
     engine = engines.policy
+    prefix_sharing, per_group = cfg.model.prefix_sharing, per_group_forward(cfg)
+    # Lambdas are drawn per read micro-batch, in read order, packed or not: same draws, same schedule state.
     lams = [schedule.sample(b.num_groups, device=device) if setup.spec.needs_lambda else None for b in micro]
-    local_den = sum(denominator_of(setup, b, lam, device) for b, lam in zip(micro, lams))
+    sums: MetricSums = {}
+    if cfg.train.token_budget:
+        steps, plan = pack_step(micro, lams, cfg.train.token_budget, rank=_rank(), world_size=world_size,
+                                prefix_sharing=prefix_sharing, per_group=per_group, device=device)
+        one = torch.ones((), dtype=torch.float64)
+        sums["perf/plan_sync_efficiency"] = (torch.tensor(plan.sync_efficiency, dtype=torch.float64), one)
+    else:
+        steps = [StepMicroBatch(b, lam) for b, lam in zip(micro, lams)]
+    local_den = sum(denominator_of(setup, m.batch, m.lam, device) for m in steps if m.real)
     global_den = float(_all_reduce(torch.tensor([local_den], dtype=torch.float64, device=device)).item())
     scale = world_size / global_den if global_den > 0 else 0.0
     chunk = cfg.train.response_chunk_size
-    sums: MetricSums = {}
-    for batch, lam in zip(micro, lams):
-        ref = reference_outputs(setup, engines, batch, cfg.model.prefix_sharing, device)
+    layout = "shared_tokens" if prefix_sharing else "unshared_tokens"
+    tokens = padded = 0.0
+    for j, m in enumerate(steps):
+        batch, lam = m.batch, m.lam
+        # M varies per step when packing: the last backward of the step is the accumulation boundary.
+        _set_accumulation_boundary(engine, j == len(steps) - 1)
+        ref = reference_outputs(setup, engines, batch, prefix_sharing, device)
         num_chunks = None
         if chunk:
             num_chunks = max(1, math.ceil(_agreed_max(batch.num_responses, device) / chunk))
@@ -325,19 +491,24 @@ def train_step(cfg: RaypoConfig, setup: LossSetup, engines: Engines, micro: list
             return out.numerator, out.denominator, out.metrics
 
         result = listwise_backward(engine, batch, loss_fn, chunk_size=chunk or None, num_chunks=num_chunks,
-                                   prefix_sharing=cfg.model.prefix_sharing, loss_scale=scale,
+                                   prefix_sharing=prefix_sharing, loss_scale=scale if m.real else 0.0,
                                    backward_fn=lambda obj: engine.backward(obj, scale_wrt_gas=False),
-                                   per_group=per_group_forward(cfg))
-        engine.step()
+                                   per_group=per_group)
+        padded += batch_padded_tokens(batch, prefix_sharing, per_group)
+        if not m.real:
+            continue
         sums = merge_metric_sums(sums, batch_metric_sums(setup, batch, holder["out"], result.logps, ref,
                                                          "train/", device))
+        tokens += float(batch.token_stats()[layout])
         one = torch.ones((), dtype=torch.float64)
-        layout = "shared_tokens" if cfg.model.prefix_sharing else "unshared_tokens"
-        tokens = float(batch.token_stats()[layout])
         sums = merge_metric_sums(sums, {
-            "perf/tokens": (torch.tensor(tokens, dtype=torch.float64), one),
             "perf/prompts": (torch.tensor(float(batch.num_groups), dtype=torch.float64), one)})
-    return sums
+    engine.step()  # the optimizer steps here, once: the boundary was set on the last micro-batch
+    one = torch.ones((), dtype=torch.float64)
+    return merge_metric_sums(sums, {
+        "perf/tokens": (torch.tensor(tokens, dtype=torch.float64), one),
+        "perf/padded_tokens": (torch.tensor(padded, dtype=torch.float64), one),
+        "perf/micro_batches": (torch.tensor(float(len(steps)), dtype=torch.float64), one)})
 
 
 def evaluate(cfg: RaypoConfig, setup: LossSetup, engines: Engines, eval_shard, rank: int, world_size: int,
@@ -540,8 +711,11 @@ def _window_metrics(window: MetricSums, start: float, engine, device: torch.devi
     elapsed = max(time.time() - start, 1e-9)
     tokens = float(reduced.pop("perf/tokens", (torch.zeros(()), torch.zeros(())))[0])
     prompts = float(reduced.pop("perf/prompts", (torch.zeros(()), torch.zeros(())))[0])
+    padded = float(reduced.pop("perf/padded_tokens", (torch.zeros(()), torch.zeros(())))[0])
     metrics = finalize(reduced, "train/")
     metrics["perf/tokens_per_s"] = tokens / elapsed
+    if padded > 0:  # real tokens / tokens the forwards ran, padding and zero-weight micro-batches included
+        metrics["perf/padding_efficiency"] = tokens / padded
     metrics["perf/samples_per_s"] = prompts / elapsed
     lr = engine.get_lr()
     metrics["train/lr"] = float(lr[0] if isinstance(lr, (list, tuple)) else lr)

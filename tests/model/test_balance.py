@@ -10,8 +10,11 @@ import pytest
 from raypo.balance import (
     first_fit_decreasing,
     fixed_count_plan,
+    group_shape,
+    group_shapes,
     group_token_lengths,
     group_tokens,
+    padded_tokens,
     plan_micro_batches,
 )
 
@@ -109,3 +112,124 @@ def test_balance_quality_beats_fixed_group_counts(world):
     assert plan.fill() >= 0.85
     assert plan.sync_efficiency > baseline.sync_efficiency
     assert plan.imbalance <= baseline.imbalance
+
+
+# ----------------------------------------------------------------------------------------------------
+# Padded layouts: the budget bounds the dense [rows, L] size a forward really runs
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_group_shape_both_layouts():
+    assert group_shape(100, [10, 20, 30]) == (1, 160)
+    assert group_shape(100, [10, 20, 30], prefix_sharing=False) == (3, 130)
+    rows = [{"prompt_ids": [1] * 5, "response_ids": [[2] * 3, [3] * 4]}]
+    assert group_shapes(rows) == [(1, 12)] and group_shapes(rows, prefix_sharing=False) == [(2, 9)]
+    assert padded_tokens([(1, 100), (1, 10), (1, 30)]) == 300  # 3 rows padded to the longest
+    assert padded_tokens([(3, 50), (2, 70)]) == 350
+
+
+def _shapes(n: int, seed: int, prefix_sharing: bool):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = int(rng.lognormvariate(5.0, 0.8)) + 1
+        responses = [int(rng.lognormvariate(4.5, 0.7)) + 1 for _ in range(rng.randint(2, 16))]
+        out.append((group_tokens(prompt, responses, prefix_sharing=prefix_sharing),
+                    group_shape(prompt, responses, prefix_sharing=prefix_sharing)))
+    return [t for t, _ in out], [s for _, s in out]
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+@pytest.mark.parametrize("world", [1, 3])
+def test_padded_plan_bounds_the_padded_size(prefix_sharing, world):
+    lengths, shapes = _shapes(200, seed=world, prefix_sharing=prefix_sharing)
+    budget = 8192
+    plan = plan_micro_batches(lengths, budget, world, shapes=shapes)
+    assert plan.padded
+    _check_invariants_padded(plan, shapes, budget, world)
+    # counting real tokens alone lets a bin of one long and several short groups pad far past the budget
+    unpadded = plan_micro_batches(lengths, budget, world)
+    worst = max(padded_tokens([shapes[g] for g in micro]) for rank in unpadded.ranks for micro in rank
+                if len(micro) > 1)
+    assert worst > budget
+
+
+def _check_invariants_padded(plan, shapes, budget, world):
+    seen = sorted(g for rank in plan.ranks for micro in rank for g in micro)
+    assert seen == list(range(len(shapes)))
+    assert plan.world_size == world and len({len(rank) for rank in plan.ranks}) == 1
+    for rank, loads in zip(plan.ranks, plan.loads):
+        for micro, load in zip(rank, loads):
+            assert load == padded_tokens([shapes[g] for g in micro])
+            assert load <= budget or (len(micro) == 1 and micro[0] in plan.oversized)
+
+
+def test_padded_shapes_must_match_the_groups():
+    with pytest.raises(ValueError, match="shapes"):
+        plan_micro_batches([10, 20], 100, 1, shapes=[(1, 10)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer's routing (raypo.train.loop): every rank gets the same number of micro-batches
+# ----------------------------------------------------------------------------------------------------
+
+
+def _groups(n: int, seed: int):
+    """n one-group ListwiseBatches with ragged N (2..5) and lengths, scores [N, 2], psi and masks."""
+    from raypo.packing import collate_listwise
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        num = rng.randint(2, 5)
+        responses = [[rng.randint(5, 99) for _ in range(rng.randint(1, 12))] for _ in range(num)]
+        rows.append({"prompt_ids": [rng.randint(5, 99) for _ in range(rng.randint(1, 20))],
+                     "response_ids": responses, "response_masks": [[1] * len(r) for r in responses],
+                     "scores": [[float(rng.randint(1, 5)), None if i == 0 else 1.0] for i in range(num)],
+                     "psi": [rng.random() for _ in range(num)]})
+    return rows, [collate_listwise([r]) for r in rows]
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_routing_gives_every_rank_the_same_micro_batch_count(world, per_group):
+    """The plan on the step's groups of all ranks, routed to each rank: the same number of micro-batches on
+    every rank (so the same forwards and ZeRO-3 collectives; one group each with per-group forwards), every
+    group trained exactly once with its own lambda, padding micro-batches marked zero-weight, and a packed
+    micro-batch equal to collating its rows."""
+    import torch
+
+    from raypo.packing import collate_listwise
+    from raypo.train.loop import batch_padded_tokens, route_packed
+
+    rows, groups = _groups(13, seed=world)
+    lams = [torch.full((1, 2), float(g)) for g in range(len(groups))]
+    shapes = group_shapes(rows)
+    plan = plan_micro_batches(group_token_lengths(rows), 60, world, shapes=shapes)
+    routed = [route_packed(groups, lams, plan, r, per_group=per_group, dummy=7) for r in range(world)]
+    assert len({len(micro) for micro in routed}) == 1
+    assert any(not m.real for rank in routed for m in rank)  # this plan needs padding somewhere
+    trained = []
+    for r, rank in enumerate(routed):
+        real = [m for m in rank if m.real]
+        for m in rank:
+            if not m.real:
+                assert m.batch is groups[7] and torch.equal(m.lam, lams[7])
+        planned = [micro for micro in plan.ranks[r] if micro]
+        if per_group:
+            assert all(m.batch.num_groups == 1 for m in rank)
+            planned = [[g] for micro in planned for g in micro]
+        assert len(real) == len(planned)
+        for m, micro in zip(real, planned):
+            trained += micro
+            assert m.lam[:, 0].tolist() == [float(g) for g in micro]  # each group keeps its lambda
+            expected = collate_listwise([rows[g] for g in micro])
+            assert m.batch.prompt_ids == expected.prompt_ids and m.batch.response_ids == expected.response_ids
+            assert m.batch.num_responses == expected.num_responses
+            assert m.batch.response_masks == expected.response_masks
+            assert m.batch.extras.keys() == expected.extras.keys()
+            for key in expected.extras:
+                assert torch.equal(m.batch.extras[key].nan_to_num(-7), expected.extras[key].nan_to_num(-7))
+            if not per_group:
+                assert batch_padded_tokens(m.batch, True) <= 60 or len(micro) == 1
+    assert sorted(trained) == list(range(len(groups)))

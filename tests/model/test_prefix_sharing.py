@@ -126,6 +126,36 @@ def test_flex_attention_block_mask_forward(tiny_tokenizer, make_rows):
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only")
+@pytest.mark.parametrize("attn", ["flex_attention", "raypo_prefix_sdpa"])
+def test_gpu_shared_layout_values_and_grads(tiny_tokenizer, make_rows, attn):
+    """On a GPU: the shared layout with FlexAttention (or prefix_sdpa) gives the unshared layout's log-probs
+    and gradients (fp32; GPU kernels differ from CPU, so a float32 tolerance) and editing one response
+    leaves the others' log-probs bitwise unchanged."""
+    from raypo.tiny import TinySpec, build_tiny_model
+
+    model = build_tiny_model(TinySpec(seed=0), tiny_tokenizer, dtype=torch.float32).cuda()
+    batch = collate_listwise(make_rows(GROUPS))
+    weights = torch.randn(batch.num_groups, batch.num_responses, generator=torch.Generator().manual_seed(1))
+    weights = weights.cuda()
+    unshared, g_unshared = _logps_and_grads(model, batch, False, weights)
+    model.config._attn_implementation = attn
+    shared, g_shared = _logps_and_grads(model, batch, True, weights)
+    torch.testing.assert_close(shared, unshared, atol=1e-4, rtol=1e-4)
+    for name in g_shared:
+        torch.testing.assert_close(g_shared[name], g_unshared[name], atol=1e-4, rtol=1e-3, msg=name)
+    rows = make_rows(GROUPS)
+    edited = [dict(r, response_ids=[list(x) for x in r["response_ids"]]) for r in rows]
+    edited[0]["response_ids"][1] = [9]  # same length, different token
+    with torch.no_grad():
+        before = grouped_logprobs(model, collate_listwise(rows)).logps
+        after = grouped_logprobs(model, collate_listwise(edited)).logps
+    keep = torch.ones_like(before, dtype=torch.bool)
+    keep[0, 1] = False
+    assert torch.equal(before[keep], after[keep]) and before[0, 1] != after[0, 1]
+
+
 def test_response_masks_score_only_marked_tokens(tiny_model_f64, make_rows):
     rows = make_rows(GROUPS)
     gen = torch.Generator().manual_seed(5)

@@ -81,8 +81,8 @@ def test_rewards_are_exactly_zero_at_step_zero_online(tiny_model_dir, tokenized_
 
 
 @pytest.mark.parametrize("chunk", [0, 2])
-def test_rewards_are_exactly_zero_at_step_zero_precomputed(tiny_model_dir, tokenized_rows, single_process_group,
-                                                           chunk):
+def test_rewards_are_exactly_zero_at_step_zero_precomputed(tiny_model_dir, tokenized_rows,
+                                                           single_process_group, chunk):
     """Reference log-probs scored by the precompute stage in batches of 3 groups, a step over batches of 4:
     the step-0 rewards and KL estimate are exactly zero (direct path and response chunks)."""
     import pyarrow as pa
@@ -141,7 +141,7 @@ def test_export_builds_a_plain_model_while_an_engine_lives_in_the_process(tiny_m
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint
+    from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint, without_zero3_init
 
     cfg = make_cfg("dpo")
     engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
@@ -151,7 +151,161 @@ def test_export_builds_a_plain_model_while_an_engine_lives_in_the_process(tiny_m
                             tokenizer=engines.tokenizer)
     out = export_checkpoint(local, str(tmp_path / "export"))
     assert is_deepspeed_zero3_enabled()  # the process's setting is restored afterwards
-    model = AutoModelForCausalLM.from_pretrained(out)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with without_zero3_init():  # whole models to compare, not ZeRO-3 partitions
+        model = AutoModelForCausalLM.from_pretrained(out)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.state_dict().keys() == reference.state_dict().keys()
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
-        assert torch.equal(a, b), name  # no step was taken: the export equals the initial weights
+        assert a.numel() > 0 and torch.equal(a, b), name  # no step was taken: the export is the initial model
+
+
+def test_lora_run_exports_the_merged_model(tiny_model_dir, tokenized_rows, single_process_group, tmp_path):
+    """A LoRA policy trained a few steps under ZeRO-3 exports as a plain Hugging Face model whose log-probs
+    are the adapted policy's (W = W_0 + alpha / r * B A merged), not the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    from raypo.listwise_model import grouped_logprobs
+    from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint, without_zero3_init
+
+    rows, dims = tokenized_rows
+    cfg = make_cfg("lipo_lambda", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=16",
+                   "optimizer.lr=0.05")
+    setup = loss_setup(cfg, dims)
+    engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
+                            needs_online_reference=True, total_steps=3)
+    for batch in batches(rows)[:3]:
+        train_step(cfg, setup, engines, [batch], None, torch.device("cpu"), world_size=1)
+    probe = batches(rows)[3]
+    with torch.no_grad():
+        trained = grouped_logprobs(engines.policy, probe).logps
+    local = save_checkpoint(engines.policy, TrainState(global_step=3), rank=0, hf_config=engines.hf_config,
+                            tokenizer=engines.tokenizer)
+    out = export_checkpoint(local, str(tmp_path / "export"))
+    with without_zero3_init():
+        exported = AutoModelForCausalLM.from_pretrained(out)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert exported.state_dict().keys() == base.state_dict().keys()
+    with torch.no_grad():
+        merged = grouped_logprobs(exported, probe).logps
+        initial = grouped_logprobs(base, probe).logps
+    assert (trained - initial).abs().max() > 1e-3  # the adapter changed the policy
+    torch.testing.assert_close(merged, trained, atol=1e-4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token-budget packing and response chunks: the same step, computed another way
+# ----------------------------------------------------------------------------------------------------
+
+PER_RESPONSE_ROW_KEYS = ("response_ids", "response_masks", "scores", "psi", "ranks", "response_lengths",
+                         "ref_logps", "ref_entropy")
+
+
+def ragged(rows, keep):
+    """The rows with only the first ``keep[i]`` responses of row i (ragged N) and every per-response column
+    cut to match."""
+    out = []
+    for row, n in zip(rows, keep):
+        row = dict(row)
+        for key in PER_RESPONSE_ROW_KEYS:
+            if row.get(key) is not None:
+                row[key] = list(row[key])[:n]
+        row["num_responses"] = n
+        out.append(row)
+    return out
+
+
+RAGGED_N = [2, 4, 3, 2, 4, 3, 4, 2, 3, 3, 2, 4]
+
+
+def count_forwards(engine) -> list[int]:
+    """Count the policy engine's forward calls (each one runs ZeRO-3 collectives)."""
+    calls = [0]
+    forward = engine.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    engine.forward = counted
+    return calls
+
+
+def run_steps(cfg, dims, model_dir, steps, lambdas: bool):
+    """Train ``steps`` (each a list of read micro-batches) on a fresh engine; (losses, weights, forward
+    calls, micro-batches per step, optimizer steps)."""
+    from raypo.lambdas import build_lambda_schedule
+
+    setup = loss_setup(cfg, dims)
+    engines = build_engines(cfg, str(model_dir), str(model_dir), world_size=1,
+                            needs_online_reference=cfg.train.reference == "online", total_steps=len(steps))
+    schedule = build_lambda_schedule(cfg.lambdas, num_dims=len(dims)) if lambdas else None
+    calls = count_forwards(engines.policy)
+    losses, micro = [], []
+    for step in steps:
+        sums = train_step(cfg, setup, engines, step, schedule, torch.device("cpu"), world_size=1)
+        losses.append(float(sums["train/loss_numerator"][0] / sums["train/loss_denominator"][0]))
+        micro.append(int(sums["perf/micro_batches"][0]))
+    return losses, flat_params(engines.policy), calls[0], micro, engines.policy.global_steps
+
+
+def score_reference(rows, model_dir):
+    """The rows with ``ref_logps`` from the precompute stage (one forward per group)."""
+    import pyarrow as pa
+
+    from raypo.train.reference import ReferenceScorer
+
+    cfg = make_cfg("lipo_lambda")
+    scorer = ReferenceScorer(str(model_dir), "float32", cfg.model.attention, cfg.model.prefix_sharing,
+                             with_entropy=False)
+    return scorer(pa.Table.from_pylist(rows)).to_pylist()
+
+
+@pytest.mark.parametrize("variant", ["lipo_lambda", "lambda_dpo", "precomputed"])
+def test_token_budget_packing_gives_the_unpacked_step(variant, tiny_model_dir, tokenized_rows,
+                                                      single_process_group):
+    """Ragged N and lengths, 2 steps of 2 read micro-batches of 3 groups: packed into micro-batches of at
+    most 250 padded tokens (3 per step, one of 3 groups), the step gives the same losses and weights as the
+    unpacked one; the optimizer steps once per step whatever the number of micro-batches; lambda-DPO's
+    per-prompt lambdas (drawn in read order) follow their groups into the packed micro-batches; with a
+    precomputed reference (one forward per group) the packed groups run one per micro-batch."""
+    rows, dims = tokenized_rows
+    data = ragged(rows[:12], RAGGED_N)
+    loss, extra = ("lipo_lambda", []) if variant != "lambda_dpo" else \
+        ("lambda_dpo", ["lambdas.schedule=uniform", "lambdas.per=prompt"])
+    if variant == "precomputed":
+        data = score_reference(data, tiny_model_dir)
+        extra = ["train.reference=precomputed"]
+    steps = [[collate_listwise(data[i:i + 3]), collate_listwise(data[i + 3:i + 6])] for i in (0, 6)]
+    common = ["train.micro_batch_size=3", "train.grad_accum_steps=2", *extra]
+    plain = run_steps(make_cfg(loss, *common), dims, tiny_model_dir, steps, loss == "lambda_dpo")
+    packed = run_steps(make_cfg(loss, *common, "train.token_budget=250"), dims, tiny_model_dir, steps,
+                       loss == "lambda_dpo")
+    (loss0, w0, calls0, micro0, opt0), (loss1, w1, calls1, micro1, opt1) = plain, packed
+    assert micro0 == [2, 2]
+    if variant == "precomputed":
+        assert micro1 == [6, 6] and calls0 == calls1 == 12  # one forward per group either way
+    else:
+        assert micro1 == [3, 3]  # packing changed the micro-batches
+        assert calls0 == sum(micro0) and calls1 == sum(micro1)  # one policy forward per micro-batch
+    assert opt0 == opt1 == 2  # one optimizer step per train_step, for 2, 3 or 6 micro-batches
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    start = flat_params(build_engines(make_cfg(loss), str(tiny_model_dir), str(tiny_model_dir), world_size=1,
+                                      needs_online_reference=False, total_steps=1).policy)
+    assert float((w0 - start).abs().max()) > 1e-3  # the steps moved the weights
+    assert float((w1 - w0).abs().max()) < 1e-5
+
+
+def test_response_chunks_of_one_give_the_direct_step(tiny_model_dir, tokenized_rows, single_process_group):
+    """Listwise micro-batching one response at a time (train.response_chunk_size=1) on ragged N, over a
+    step of two micro-batches of different widths: same loss and weights as all responses at once; the
+    chunk count (from the agreed maximum N of each micro-batch) sets the forward count."""
+    rows, dims = tokenized_rows
+    data = ragged(rows[:6], [2, 3, 2, 4, 3, 4])
+    step = [collate_listwise(data[:3]), collate_listwise(data[3:])]  # N = 3, then 4
+    common = ["train.micro_batch_size=3", "train.grad_accum_steps=2"]
+    loss0, w0, calls0, _, _ = run_steps(make_cfg("lipo_lambda", *common), dims, tiny_model_dir, [step], False)
+    loss1, w1, calls1, _, _ = run_steps(make_cfg("lipo_lambda", *common, "train.response_chunk_size=1"), dims,
+                                        tiny_model_dir, [step], False)
+    assert calls0 == 2 and calls1 == (1 + 3) + (1 + 4)  # no-grad pass + one forward per response column
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    assert float((w1 - w0).abs().max()) < 1e-5
