@@ -81,6 +81,9 @@ class TorchEngine:
     def backward(self, objective: torch.Tensor, scale_wrt_gas: bool = False) -> None:
         objective.backward()
 
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        """train_step marks the step's last micro-batch; here ``step()`` is called once per step anyway."""
+
     def step(self) -> None:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
