@@ -316,6 +316,7 @@ class Setup:
     online_reference: bool
     lora_params: int = 0  # > 0: LoRA (base weights frozen)
     act_bytes: int = 2  # e: bytes per activation element
+    token_budget: int = 0  # > 0: train.token_budget packs groups into forwards of at most this many tokens
 
     @property
     def num_nodes(self) -> int:
@@ -323,12 +324,23 @@ class Setup:
 
     @property
     def tokens(self) -> int:
-        b, n, lp, lr = self.micro_batch, self.responses_per_forward, self.prompt_len, self.response_len
-        return b * (lp + n * lr) if self.prefix_sharing else b * n * (lp + lr)
+        """T, tokens in one forward: B groups, or with a token budget at most the budget (a group larger
+        than the budget runs alone, so never less than one group)."""
+        if self.token_budget:
+            return max(self.token_budget, self.group_tokens)
+        return self.micro_batch * self.group_tokens
+
+    @property
+    def group_tokens(self) -> int:
+        """Tokens of one group in one forward: Lp + n Lr (shared) or n (Lp + Lr)."""
+        n, lp, lr = self.responses_per_forward, self.prompt_len, self.response_len
+        return lp + n * lr if self.prefix_sharing else n * (lp + lr)
 
     @property
     def response_tokens(self) -> int:
-        return self.micro_batch * self.responses_per_forward * self.response_len
+        """Scored tokens in one forward (the head's input): T's share of response tokens."""
+        per_group = self.responses_per_forward * self.response_len
+        return self.tokens * per_group // self.group_tokens
 
 
 def _p(x: float) -> str:
@@ -501,6 +513,7 @@ def setup_from_config(cfg: RaypoConfig, arch: Architecture, hardware: Hardware) 
         online_reference=cfg.train.reference == "online",
         lora_params=lora_params(arch, lora.r, list(lora.target_modules)) if lora.enabled else 0,
         act_bytes=4 if cfg.model.dtype == "float32" else 2,
+        token_budget=cfg.train.token_budget,
     )
 
 
@@ -523,6 +536,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
     b, lp, lr = s.micro_batch, s.prompt_len, s.response_len
     tokens_formula = (f"B x (Lp + n x Lr) = {b} x ({lp} + {n_forward} x {lr})" if s.prefix_sharing else
                       f"B x n x (Lp + Lr) = {b} x {n_forward} x ({lp} + {lr})")
+    if s.token_budget:
+        tokens_formula = f"max(train.token_budget, one group) = max({s.token_budget}, {s.group_tokens})"
     lines = [f"raypo plan{': ' + title if title else ''}",
              f"  model    {a.name} (from {plan.arch_source}): P = {_p(a.total_params)} parameters, "
              f"largest layer P_L = {_p(a.largest_layer_params)}",

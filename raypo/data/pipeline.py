@@ -299,8 +299,11 @@ def finalize_staged(staged, fmt: str, opts: ConvertOptions, dimensions: list[str
 def tokenize_dataset(ds, tokenizer_path: str, cfg: TokenizeConfig, dimensions: list[str],
                      concurrency: int = 1, batch_size: int = 256, s3_cfg: Any = None):
     """``map_batches(TokenizeBatch)``: staged listwise rows -> tokenised rows (+ overlong rejections)."""
+    import ray.data
+
     return ds.map_batches(TokenizeBatch, fn_constructor_args=(tokenizer_path, cfg, dimensions, s3_cfg),
-                          batch_format="pyarrow", batch_size=batch_size, concurrency=concurrency)
+                          batch_format="pyarrow", batch_size=batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=concurrency))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class TokenizeBatch:
     A callable class so each actor loads the tokenizer once::
 
         ds.map_batches(TokenizeBatch, fn_constructor_args=(path, cfg, dims), batch_format="pyarrow",
-                       concurrency=k)
+                       compute=ray.data.ActorPoolStrategy(size=k))
     """
 
     def __init__(self, tokenizer_path: str, cfg: TokenizeConfig, dimensions: list[str], s3_cfg: Any = None):

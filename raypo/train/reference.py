@@ -75,6 +75,8 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
     ``with_entropy``: also write ``ref_entropy`` (None: when ``cfg.loss`` needs a dispersion; a sweep over
     several losses asks for it when any of them does).
     """
+    import ray.data
+
     from raypo.losses.registry import get_loss_spec
     from raypo.train.loop import s3_options, worker_dtype
 
@@ -85,6 +87,6 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
         ReferenceScorer,
         fn_constructor_args=(ref_path, worker_dtype(cfg), cfg.model.attention, cfg.model.prefix_sharing,
                              with_entropy, s3_options(cfg)),
-        batch_size=batch_size, batch_format="pyarrow", concurrency=1,
+        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
         num_gpus=1 if use_gpu else 0, num_cpus=1,
     ).materialize()

@@ -371,5 +371,7 @@ def cached_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, cache_dir: st
                                         with_entropy=key.with_entropy)
         table = _cached_columns(scored, key.with_entropy)
         _write_entry(entry, key, table, s3_cfg)
+    import ray.data
+
     return keyed.map_batches(FillFromCache, fn_constructor_args=(table,), batch_format="pyarrow",
-                             concurrency=1).materialize()
+                             compute=ray.data.ActorPoolStrategy(size=1)).materialize()

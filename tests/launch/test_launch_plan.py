@@ -134,6 +134,22 @@ def test_activation_arithmetic():
     assert _setup(responses=16, responses_per_forward=4).tokens == s.tokens
 
 
+def test_token_budget_bounds_the_tokens_per_forward():
+    group = 1024 + 4 * 1024
+    assert _setup(micro_batch=8, token_budget=3 * group).tokens == 3 * group  # the budget, not B groups
+    assert _setup(micro_batch=8, token_budget=3 * group).response_tokens == 3 * 4 * 1024
+    assert _setup(token_budget=100).tokens == group  # a group larger than the budget runs alone
+    packed = gpu_total_bytes(_setup(micro_batch=8, token_budget=2 * group))
+    assert packed < gpu_total_bytes(_setup(micro_batch=8))
+    args = [str(REPO / "configs" / "quickstart.yaml"), "plan.model=llama-3-8b", "data.max_prompt_length=1024",
+            "data.max_response_length=1024", "train.micro_batch_size=8", "train.token_budget=16384"]
+    assert make_plan(load_config(args[0], args[1:])).setup.tokens == 16384
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["plan", *args])
+    assert "T = max(train.token_budget, one group) = max(16384, 5120) = 16384" in out.getvalue()
+
+
 def test_memory_moves_the_right_way():
     base = gpu_total_bytes(_setup())
     assert gpu_total_bytes(_setup(checkpointing=False)) > base
