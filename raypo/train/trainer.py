@@ -97,13 +97,6 @@ def model_sources(cfg: RaypoConfig) -> tuple[str, str]:
     return policy, str(cfg.model.reference_path or policy)
 
 
-def worker_environment() -> dict[str, str]:
-    """Driver environment the workers need: raypo's own switches, S3 endpoint and region (credentials
-    stay in the environment Ray propagates; they are never copied into configs or logs)."""
-    keep = ("RAYPO_", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE")
-    return {k: v for k, v in os.environ.items() if k.startswith(keep) and not _looks_secret(k)}
-
-
 # Forwarded from the driver to a cluster's processes through Ray's runtime_env. Ray keeps a runtime_env in
 # its control store and shows it in the dashboard and job state, so secrets (AWS_SECRET_ACCESS_KEY,
 # AWS_SESSION_TOKEN, HF_TOKEN, ...) are never put there: processes of a local cluster inherit them from the
@@ -217,7 +210,7 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
         name=name, storage_path=storage_path, storage_filesystem=storage_fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-        callbacks=all_callbacks, worker_runtime_env={"env_vars": worker_environment()})
+        callbacks=all_callbacks, worker_runtime_env={"env_vars": driver_environment()})
     loop_config = {"config": to_dict(cfg), "policy_path": policy_path, "ref_path": ref_path,
                    "has_eval": has_eval, "dimensions": dimensions}
     return TorchTrainer(
