@@ -11,7 +11,6 @@ Layout of one checkpoint directory (``{storage_path}/{run_name}/step_00000040/``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -141,6 +140,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from raypo.modeling import without_zero3_init
+
     local, temporary = local_copy(checkpoint)
     try:
         ds_dir, hf_dir = os.path.join(local, DS_DIR), os.path.join(local, HF_DIR)
@@ -172,20 +173,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
     finally:
         if temporary:
             shutil.rmtree(local, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def without_zero3_init():
-    """Build a plain (unpartitioned) model even if this process holds a live ``HfDeepSpeedConfig``
-    (transformers keeps a process-global weakref to the last one, e.g. from an in-process engine)."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def _tied_keys(model) -> set[str]:

@@ -29,8 +29,7 @@ class ReferenceScorer:
     def __init__(self, ref_path: str, dtype: str, attention: str, prefix_sharing: bool, with_entropy: bool,
                  storage_options: dict | None = None):
         from raypo.listwise_model import ListwiseLogProbModel
-        from raypo.modeling import load_reference
-        from raypo.train.checkpoint import without_zero3_init
+        from raypo.modeling import load_reference, without_zero3_init
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with without_zero3_init():  # a whole model per actor, even in a process that holds a ZeRO-3 engine

@@ -141,7 +141,8 @@ def test_export_builds_a_plain_model_while_an_engine_lives_in_the_process(tiny_m
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint, without_zero3_init
+    from raypo.modeling import without_zero3_init
+    from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint
 
     cfg = make_cfg("dpo")
     engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
@@ -165,7 +166,8 @@ def test_lora_run_exports_the_merged_model(tiny_model_dir, tokenized_rows, singl
     from transformers import AutoModelForCausalLM
 
     from raypo.listwise_model import grouped_logprobs
-    from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint, without_zero3_init
+    from raypo.modeling import without_zero3_init
+    from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint
 
     rows, dims = tokenized_rows
     cfg = make_cfg("lipo_lambda", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=16",
