@@ -220,8 +220,8 @@ def measure_memory(module: str, case: dict, *, in_process: bool = False) -> dict
 
 
 _FORKSERVER = None
-_PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "raypo.listwise_model",
-            "raypo.microbatch", "raypo.losses", "raypo.train.loop", "datasets", "trl", "bench.common"]
+_PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "raypo.model.listwise",
+            "raypo.model.response_chunks", "raypo.losses", "raypo.train.loop", "datasets", "trl", "bench.common"]
 
 
 def _forkserver():

@@ -5,7 +5,7 @@ logp_t = log softmax(h_t W^T)[y_t] and backpropagate sum_t g_t logp_t into h and
 
 * full logits (what ``model(...).logits`` + ``log_softmax`` + ``gather`` does): z = h W^T [T, V] fp32,
   log_softmax(z) [T, V] saved for the backward, dz [T, V] in the backward;
-* raypo (:func:`raypo.logprobs.chunked_label_logprobs`): [c, V] logits per chunk of c rows, recomputed in
+* raypo (:func:`raypo.model.logprobs.chunked_label_logprobs`): [c, V] logits per chunk of c rows, recomputed in
   the backward (one extra GEMM), never [T, V].
 
 Vocabularies 32,000 (hidden 256) and 128,256 (Llama-3, hidden 128: smaller so a CPU run stays short);
@@ -50,7 +50,7 @@ def full_logits_step(h, w, y, g):
 
 
 def chunked_step(h, w, y, g, chunk: int):
-    from raypo.logprobs import chunked_label_logprobs
+    from raypo.model.logprobs import chunked_label_logprobs
 
     def step():
         h.grad = w.grad = None

@@ -1,7 +1,7 @@
 """Listwise micro-batching (flat in N): peak memory at N = 4, 8, 16 with a fixed chunk of responses.
 
 One group, prompt P = 256, N responses of R = 64 tokens, the LiPO-lambda loss coupling all N responses,
-forward + backward by :func:`raypo.microbatch.listwise_backward`:
+forward + backward by :func:`raypo.model.response_chunks.listwise_backward`:
 
 * direct: one prefix-shared forward of P + N R tokens with grad, one backward; activations grow with N;
 * chunked (``chunk_size`` = 4): a no-grad forward of all N (only transient activations), dL/ds on [1, N],
@@ -55,7 +55,7 @@ def _loss_fn(batch):
 
 
 def _step(model, batch, chunk: int | None):
-    from raypo.microbatch import listwise_backward
+    from raypo.model.response_chunks import listwise_backward
 
     loss_fn = _loss_fn(batch)
 
@@ -67,7 +67,7 @@ def _step(model, batch, chunk: int | None):
 
 
 def _batch(n: int, p: int, r: int, vocab: int):
-    from raypo.packing import collate_listwise
+    from raypo.model.batch import collate_listwise
 
     return collate_listwise(uniform_rows(1, n, p, r, vocab, seed=n))
 

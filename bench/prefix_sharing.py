@@ -1,13 +1,13 @@
 """Prefix-shared vs unshared listwise forward+backward: speedup against the ideal rho, and peak memory.
 
 One group, one prompt of P tokens and N responses of R tokens; the policy's per-response log-prob sums s_i
-(:func:`raypo.listwise_model.grouped_logprobs`) and the backward of sum_i s_i, in the two layouts of
-:mod:`raypo.packing`:
+(:func:`raypo.model.listwise.grouped_logprobs`) and the backward of sum_i s_i, in the two layouts of
+:mod:`raypo.model.layout`:
 
     shared:         one row [prompt | r_1 | ... | r_N], dense block mask (sdpa)     tokens P + N R
                     (``model.attention: sdpa``)
     shared_blocks:  the same row, attention on the allowed blocks only              tokens P + N R
-                    (``prefix_sdpa``, :mod:`raypo.attention`; the default, ``auto``)
+                    (``prefix_sdpa``, :mod:`raypo.model.attention`; the default, ``auto``)
     unshared:       N rows [prompt | r_i] (sdpa, causal + padding)                   tokens N (P + R)
 
 Ideal speedup (token count): rho = N (P + R) / (P + N R). The log-prob head runs on the N R response
@@ -60,7 +60,7 @@ VARIANTS = {"shared": (True, "sdpa"), "shared_blocks": (True, "raypo_prefix_sdpa
 
 
 def _step(model, batch, variant: str):
-    from raypo.listwise_model import grouped_logprobs
+    from raypo.model.listwise import grouped_logprobs
 
     shared, attention = VARIANTS[variant]
 
@@ -74,7 +74,7 @@ def _step(model, batch, variant: str):
 
 
 def _batch(n: int, p: int, r: int, vocab: int):
-    from raypo.packing import collate_listwise
+    from raypo.model.batch import collate_listwise
 
     return collate_listwise(uniform_rows(1, n, p, r, vocab, seed=n * 1000 + p))
 

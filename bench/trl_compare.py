@@ -104,8 +104,8 @@ class RaypoRunner:
     """raypo's worker step over fixed micro-batches of whole groups."""
 
     def __init__(self, model, rows: list[dict], loss: str, groups_per_step: int, prefix_sharing: bool = True):
-        from raypo.listwise_model import ListwiseLogProbModel
-        from raypo.packing import collate_listwise
+        from raypo.model.batch import collate_listwise
+        from raypo.model.listwise import ListwiseLogProbModel
         from raypo.train.loop import Engines, loss_setup
         from raypo.train.optim import build_optimizer
 
@@ -166,7 +166,7 @@ class TRLRunner:
         from transformers import TrainerCallback
         from trl import DPOConfig, DPOTrainer
 
-        from raypo.tiny import build_tiny_tokenizer
+        from raypo.model.tiny import build_tiny_tokenizer
 
         runner = self
 

@@ -82,7 +82,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from raypo.tiny import save_tiny_model
+    from raypo.model.tiny import save_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_llama")
     save_tiny_model(out, seed=0)

@@ -4,7 +4,7 @@ Modules: :mod:`~raypo.data.schema` (the record and its Arrow schema), :mod:`~ray
 (converters), :mod:`~raypo.data.validate` (rules, report, quarantine), :mod:`~raypo.data.targets`
 (labels via :mod:`raypo.losses.labels`), :mod:`~raypo.data.tokenize`, :mod:`~raypo.data.synthetic`,
 :mod:`~raypo.data.io` (files, S3), :mod:`~raypo.data.pipeline` (Ray Data, and the same in plain Python),
-:mod:`~raypo.data.cli`. See docs/data.md.
+:mod:`~raypo.cli.data`. See docs/data.md.
 """
 
 from raypo.data.schema import DIMENSIONS_KEY, ListwiseRecord, listwise_schema, tokenized_schema

@@ -53,11 +53,11 @@ class TokenizeConfig:
 def load_tokenizer(path: str, s3_cfg: Any = None):
     """A Hugging Face tokenizer with a chat template: a local dir, a hub id, ``tiny://...`` or ``s3://...``.
 
-    Loading (and the s3 copy to a local cache) is :func:`raypo.modeling.load_tokenizer`, the same as the
+    Loading (and the s3 copy to a local cache) is :func:`raypo.model.loading.load_tokenizer`, the same as the
     trainer's, so data and model always agree on the tokenizer.
     """
-    from raypo.modeling import load_tokenizer as _load
-    from raypo.modeling import s3_storage_options
+    from raypo.model.loading import load_tokenizer as _load
+    from raypo.model.loading import s3_storage_options
 
     options = None
     if str(path).startswith("s3://"):

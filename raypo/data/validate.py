@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raypo.config import RunError
 from raypo.data.schema import ROLES, ListwiseRecord, derive_prompt_id
+from raypo.errors import RunError
 
 REJECT_REASONS: dict[str, str] = {
     "invalid_json": "a JSONL line is not valid JSON",

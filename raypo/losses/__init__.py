@@ -53,6 +53,7 @@ from raypo.losses.registry import (
     get_loss_spec,
     list_losses,
     listwise_loss,
+    loss_denominator,
     registry_table,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "lipo_softmax_loss",
     "list_losses",
     "listwise_loss",
+    "loss_denominator",
     "mallows_ipo_loss",
     "mallows_phi_link",
     "mallows_phi_loss",

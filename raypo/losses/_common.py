@@ -48,7 +48,32 @@ class LossHyperparameterError(ValueError):
 
 def compute_dtype(t: Tensor) -> torch.dtype:
     """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return compute_dtype_of(t.dtype)
+
+
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """:func:`compute_dtype` for log-probs of dtype ``dtype`` (without a tensor)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prepare_mask(name: str, mask: Optional[Tensor], shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """The validity mask of :func:`prepare_inputs`: bool ``shape`` on ``device``; None = all real."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if mask.shape != shape:
+        raise LossHyperparameterError(
+            f"{name}: mask has shape {tuple(mask.shape)} but policy_logps has {tuple(shape)}"
+        )
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def label_like(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A stand-in for the log-probs where only labels are read: ``mask``'s shape and device, ``dtype``.
+
+    An expanded 0-d tensor (no storage of its own, never read), for the label checks that take ``like``
+    (:func:`scalar_labels`) when a denominator is computed without log-probs.
+    """
+    return torch.empty((), dtype=dtype, device=mask.device).expand(mask.shape)
 
 
 def prepare_inputs(
@@ -71,14 +96,7 @@ def prepare_inputs(
             f"{name}: ref_logps has shape {tuple(ref_logps.shape)} but policy_logps has "
             f"{tuple(policy_logps.shape)}; pass zeros for reference-free losses"
         )
-    if mask is None:
-        mask = torch.ones(policy_logps.shape, dtype=torch.bool, device=policy_logps.device)
-    else:
-        if mask.shape != policy_logps.shape:
-            raise LossHyperparameterError(
-                f"{name}: mask has shape {tuple(mask.shape)} but policy_logps has {tuple(policy_logps.shape)}"
-            )
-        mask = mask.to(device=policy_logps.device, dtype=torch.bool)
+    mask = prepare_mask(name, mask, policy_logps.shape, policy_logps.device)
     policy = torch.where(mask, policy_logps.to(dtype), torch.zeros((), dtype=dtype, device=mask.device))
     ref = torch.where(mask, ref_logps.to(dtype), torch.zeros((), dtype=dtype, device=mask.device))
     return policy, ref, mask

@@ -27,7 +27,8 @@ __all__ = [
     "best_worst",
 ]
 
-#: lambda-DPO (spec 3.2, CODE converter.py): a missing, "", "N/A" or unparsable rating becomes 1.0.
+#: lambda-DPO (docs/loss_reference.md §3.2, CODE converter.py): a missing, "", "N/A" or unparsable rating
+#: becomes 1.0.
 DEFAULT_RATING = 1.0
 
 _MISSING_STRINGS = {"", "n/a", "na", "none", "null", "nan"}
@@ -47,7 +48,7 @@ def _mask_like(x: Tensor, mask: Optional[Tensor]) -> Tensor:
 def parse_rating(value: Any, default_rating: float = DEFAULT_RATING) -> float:
     """One raw rating -> float; None, NaN, "", "N/A" or anything unparsable -> ``default_rating``.
 
-    This is the official lambda-DPO converter's rule (spec 3.2).
+    This is the official lambda-DPO converter's rule (docs/loss_reference.md §3.2).
     """
     if value is None:
         return default_rating
@@ -91,7 +92,7 @@ def targets_from_ratings(
     default_rating: float = DEFAULT_RATING,
     eps: float = 0.0,
 ) -> Tensor:
-    """Per-dimension listwise target distributions (lambda-DPO, spec 3.2).
+    """Per-dimension listwise target distributions (lambda-DPO, docs/loss_reference.md §3.2).
 
         p*(k)_i = exp(R_{k,i} / T) / sum_{j valid} exp(R_{k,j} / T)
 
@@ -101,7 +102,7 @@ def targets_from_ratings(
         temperature: T (official code: 1.0, raw 1-5 UltraFeedback ratings, no rescaling).
         default_rating: replacement for a missing rating (official code: 1.0).
         eps: added to every valid target entry without renormalising, as the official loss does with
-            ``p* + 1e-10`` (spec 3.1). Default 0 here; the lambda_dpo loss applies its own ``eps``.
+            ``p* + 1e-10`` (§3.1). Default 0 here; the lambda_dpo loss applies its own ``eps``.
 
     Returns:
         ``[B, N, m]`` targets (``[B, N]`` if the input was 2-D); 0 at padded responses.
@@ -130,7 +131,7 @@ def aggregate_ratings(
     temperature: float = 1.0,
     default_rating: float = DEFAULT_RATING,
 ) -> Tensor:
-    """Scalar score per response from per-dimension ratings: ``mean_k p*(k)`` (spec 3.3).
+    """Scalar score per response from per-dimension ratings: ``mean_k p*(k)`` (docs/loss_reference.md §3.3).
 
     This is how the lambda-DPO trainer's pairwise baseline (``ultrafb_best_worst_dpo``) picks its best
     and worst response; feed the result to :func:`best_worst` or as ``scores`` of a pairwise loss.
@@ -148,7 +149,7 @@ def _pairwise_win_matrix(values: Tensor, higher_is_better: bool) -> Tensor:
 
 
 def lipo_psi_from_pairwise(win_prob: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """LiPO labels from a pairwise winning-probability matrix (spec 2.1, PAPER Sec. 5).
+    """LiPO labels from a pairwise winning-probability matrix (LiPO Sec. 5; docs/loss_reference.md §2.1).
 
         psi_k = (1 / K) * sum_{i=1..K} Psi[k, i]         (all K columns, diagonal included as given)
 
@@ -173,7 +174,7 @@ def lipo_psi_from_pairwise(win_prob: Tensor, mask: Optional[Tensor] = None) -> T
 
 
 def lipo_psi_from_ranks(ranks: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """LiPO labels from ranks, 1 = best, ties allowed (spec 2.1, PAPER Sec. 5.4).
+    """LiPO labels from ranks, 1 = best, ties allowed (LiPO Sec. 5.4; docs/loss_reference.md §2.1).
 
     ``M_ii = 0.5``, ``M_ij = 1[rank_i < rank_j]``, ``M_ij = 0.5`` for tied ranks (our extension), and
     ``psi = row mean of M`` over valid responses. A strict ranking gives ``psi_k = (K - rank_k + 0.5) / K``,
@@ -205,7 +206,7 @@ def lipo_psi_from_ratings(
     ``R = sum_k w_k R_k`` with ``w = dim_weights`` (default: the mean over dimensions); missing ratings
     count as ``default_rating``. Then:
 
-    * ``"winrate"`` (default): the rank rule of spec 2.1 applied to the ratings, i.e.
+    * ``"winrate"`` (default): the rank rule of docs/loss_reference.md §2.1 applied to the ratings, i.e.
       ``M_ij = 1[R_i > R_j] + 0.5 * 1[R_i = R_j]`` and ``psi = row mean of M`` over valid responses.
       Scale-free, ties give equal psi, and it equals :func:`lipo_psi_from_ranks` of the induced ranking.
     * ``"minmax"``: ``(R - min) / (max - min)`` over the prompt's valid responses; all tied -> 0.5.
@@ -247,7 +248,7 @@ def lipo_psi_from_ratings(
 
 
 def mpo_sets(scores: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """MPO positive / negative sets (spec 5).
+    """MPO positive / negative sets (Gupta et al. arXiv 2412.04628; docs/loss_reference.md §5.1).
 
     ``S_bar`` = mean of the valid scores (computed in float64), ``Y+ = {i valid: S_i > S_bar}`` (strict, a
     score equal to the mean goes to ``Y-``), ``Y- = valid minus Y+``. A prompt whose valid scores are all

@@ -1,4 +1,6 @@
-"""LiPO family (Liu et al., arXiv 2402.01878v3), computed with RAX's default semantics (spec 2).
+"""LiPO family (Liu et al., arXiv 2402.01878v3), computed with RAX's default semantics.
+
+Reference: docs/loss_reference.md §2 (the § numbers below are its sections).
 
 The LiPO authors compute every loss with the open-source RAX library and default arguments (App. B,
 Algorithm 1), so the default reduction here is ``"rax"``: pair losses and point losses are averaged over
@@ -26,7 +28,7 @@ sum           sum over pairs / 1               sum over items / 1               
 "lists" = lists with at least one valid item (fully padded rows never count). A list whose labels are all
 tied has no pair: it adds 0 to "paper" and is left out of "per_list_mean".
 
-``"sum"`` is allRank's ``reduction="sum"`` (spec 2.10: ``lipo_lambda_loss(normalize=True, scale="none",
+``"sum"`` is allRank's ``reduction="sum"`` (§2.10: ``lipo_lambda_loss(normalize=True, scale="none",
 reduction="sum")`` equals allRank's ``lambdaLoss(weighing_scheme="lambdaRank_scheme",
 reduction_log="natural")``): the plain sum over the batch, with denominator 1 (0 when the batch has nothing
 to sum, so ``all_skipped`` stays meaningful). Its numerators add up across micro-batches, but its
@@ -54,6 +56,7 @@ from raypo.losses._common import (
     check_positive,
     detached_count,
     finish,
+    label_like,
     masked_log_softmax,
     pair_mask,
     prepare_inputs,
@@ -92,6 +95,65 @@ def _score_diffs(s: Tensor) -> Tensor:
     return s.unsqueeze(-1) - s.unsqueeze(-2)
 
 
+def _pair_count(pairs: Tensor, mask: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """Denominator of the pair losses (module table): pairs, 1, lists, or lists with a pair."""
+    if reduction == "rax":
+        return detached_count(pairs, dtype)
+    if reduction == "sum":
+        return _sum_denominator(pairs, dtype)
+    if reduction == "paper":
+        return detached_count(row_has_valid(mask), dtype)
+    return detached_count(pairs.sum(dim=(-1, -2)) > 0, dtype)
+
+
+def _item_count(mask: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """Denominator of the point losses (module table): valid items, 1, or lists."""
+    if reduction == "rax":
+        return detached_count(mask, dtype)
+    if reduction == "sum":
+        return _sum_denominator(mask, dtype)
+    return detached_count(row_has_valid(mask), dtype)
+
+
+def _list_count(mask: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """Denominator of the list losses: lists with a valid item (1 for ``"sum"``)."""
+    has_valid = row_has_valid(mask)
+    return _sum_denominator(has_valid, dtype) if reduction == "sum" else detached_count(has_valid, dtype)
+
+
+def _label_mask(name: str, mask: Tensor, scores: Optional[Tensor],
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(psi, mask)`` as :func:`_setup` makes them, from the prepared mask and the labels only."""
+    return scalar_labels(name, scores, label_like(mask, dtype), mask)
+
+
+def lipo_pair_denominator(mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype,
+                          name: str = "lipo_pair", reduction: str = "rax", **_hparams: object) -> Tensor:
+    """Denominator of lipo_pair_logistic, lipo_pair_hinge and lipo_lambda without log-probs.
+
+    ``mask``: prepared bool ``[B, N]``; ``dtype``: the compute dtype; other hyperparameters are ignored.
+    """
+    check_choice(name, "reduction", reduction, PAIR_REDUCTIONS)
+    psi, mask = _label_mask(name, mask, scores, dtype)
+    return _pair_count(label_pairs(psi, mask), mask, reduction, dtype)
+
+
+def lipo_point_denominator(mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype,
+                           name: str = "lipo_point", reduction: str = "rax", **_hparams: object) -> Tensor:
+    """Denominator of lipo_point_mse and lipo_point_sigmoid without log-probs."""
+    check_choice(name, "reduction", reduction, POINT_REDUCTIONS)
+    _, mask = _label_mask(name, mask, scores, dtype)
+    return _item_count(mask, reduction, dtype)
+
+
+def lipo_list_denominator(mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype,
+                          name: str = "lipo_list", reduction: str = "rax", **_hparams: object) -> Tensor:
+    """Denominator of lipo_list_mle and lipo_softmax without log-probs."""
+    check_choice(name, "reduction", reduction, LIST_REDUCTIONS)
+    _, mask = _label_mask(name, mask, scores, dtype)
+    return _list_count(mask, reduction, dtype)
+
+
 def _reduce_pairs(name: str, per_pair: Tensor, pairs: Tensor, mask: Tensor, reduction: str,
                   s: Tensor) -> LossOutput:
     check_choice(name, "reduction", reduction, PAIR_REDUCTIONS)
@@ -99,20 +161,13 @@ def _reduce_pairs(name: str, per_pair: Tensor, pairs: Tensor, mask: Tensor, redu
     masked = torch.where(pairs, per_pair, zero)
     n_pairs_per_list = pairs.sum(dim=(-1, -2))
     has_valid = row_has_valid(mask)
-    if reduction == "rax":
-        numerator = masked.sum()
-        denominator = detached_count(pairs, per_pair.dtype)
-    elif reduction == "sum":
-        numerator = masked.sum()
-        denominator = _sum_denominator(pairs, per_pair.dtype)
-    elif reduction == "paper":
-        numerator = masked.sum()
-        denominator = detached_count(has_valid, per_pair.dtype)
-    else:
+    if reduction == "per_list_mean":
         has_pair = n_pairs_per_list > 0
         per_list = masked.sum(dim=(-1, -2)) / n_pairs_per_list.clamp(min=1).to(per_pair.dtype)
         numerator = torch.where(has_pair, per_list, zero).sum()
-        denominator = detached_count(has_pair, per_pair.dtype)
+    else:
+        numerator = masked.sum()
+    denominator = _pair_count(pairs, mask, reduction, per_pair.dtype)
     metrics = {
         "num_prompts": detached_count(has_valid, per_pair.dtype),
         "num_pairs": detached_count(pairs, per_pair.dtype),
@@ -131,12 +186,7 @@ def _reduce_items(name: str, per_item: Tensor, mask: Tensor, reduction: str, s: 
         numerator = torch.where(has_valid, masked.sum(-1) / n_items, zero).sum()
     else:
         numerator = masked.sum()
-    if reduction == "rax":
-        denominator = detached_count(mask, per_item.dtype)
-    elif reduction == "sum":
-        denominator = _sum_denominator(mask, per_item.dtype)
-    else:
-        denominator = detached_count(has_valid, per_item.dtype)
+    denominator = _item_count(mask, reduction, per_item.dtype)
     metrics = {
         "num_prompts": detached_count(has_valid, per_item.dtype),
         "num_items": detached_count(mask, per_item.dtype),
@@ -145,14 +195,14 @@ def _reduce_items(name: str, per_item: Tensor, mask: Tensor, reduction: str, s: 
 
 
 def _reduce_lists(name: str, per_list: Tensor, mask: Tensor, reduction: str, s: Tensor) -> LossOutput:
-    # Every reduction but "sum" is the mean over lists for list losses (spec 2.9); the argument exists so
-    # that one reduction setting can be passed to any LiPO loss.
+    # Every reduction but "sum" is the mean over lists for list losses (docs/loss_reference.md §2.9); the
+    # argument exists so that one reduction setting can be passed to any LiPO loss.
     check_choice(name, "reduction", reduction, LIST_REDUCTIONS)
     has_valid = row_has_valid(mask)
     zero = torch.zeros((), dtype=per_list.dtype, device=per_list.device)
     numerator = torch.where(has_valid, per_list, zero).sum()
     num_lists = detached_count(has_valid, per_list.dtype)
-    denominator = _sum_denominator(has_valid, per_list.dtype) if reduction == "sum" else num_lists
+    denominator = _list_count(mask, reduction, per_list.dtype)
     metrics = {"num_prompts": num_lists}
     return finish(numerator, denominator, metrics, s)
 
@@ -166,7 +216,9 @@ def lipo_pair_logistic_loss(
     beta: float = 0.05,
     reduction: str = "rax",
 ) -> LossOutput:
-    """LiPO pair-logistic = DPO_BT on all pairs (spec 2.2; PAPER Eq. 5; ``rax.pairwise_logistic_loss``).
+    """LiPO pair-logistic = DPO_BT on all pairs (LiPO Eq. 5; ``rax.pairwise_logistic_loss``).
+
+    Reference: docs/loss_reference.md §2.2.
 
         l_ij = log(1 + exp(-(s_i - s_j))) = softplus(-(s_i - s_j)),   (i, j) in P
 
@@ -189,7 +241,9 @@ def lipo_pair_hinge_loss(
     beta: float = 0.05,
     reduction: str = "rax",
 ) -> LossOutput:
-    """LiPO pair-hinge = SLiC_norm on all pairs (spec 2.3; PAPER Eq. 6; ``rax.pairwise_hinge_loss``).
+    """LiPO pair-hinge = SLiC_norm on all pairs (LiPO Eq. 6; ``rax.pairwise_hinge_loss``).
+
+    Reference: docs/loss_reference.md §2.3.
 
         l_ij = max(0, 1 - (s_i - s_j)),   (i, j) in P
 
@@ -218,13 +272,15 @@ def lipo_list_mle_loss(
     beta: float = 0.05,
     reduction: str = "rax",
 ) -> LossOutput:
-    """LiPO list-MLE = DPO_PL = PRO without its SFT term (spec 2.4; PAPER Eq. 7; ``rax.listmle_loss``).
+    """LiPO list-MLE = DPO_PL = PRO without its SFT term (LiPO Eq. 7; ``rax.listmle_loss``).
+
+    Reference: docs/loss_reference.md §2.4.
 
         L = -sum_{k=1..n} [ s_pi(k) - log sum_{j=k..n} exp(s_pi(j)) ]
 
     pi sorts the valid responses by psi descending; ties keep index order (RAX's stable sort, no PRNG);
     padding is excluded from every denominator. Batch value: mean over lists with a valid item (for every
-    ``reduction`` but ``"sum"``, which sums over lists; spec 2.9).
+    ``reduction`` but ``"sum"``, which sums over lists; §2.9).
     N = 2 with psi_w > psi_l gives DPO; with psi_w = psi_l the loss is not 0 (index order decides).
     Default beta = 0.05.
     """
@@ -251,7 +307,7 @@ def lipo_softmax_loss(
     normalize_labels: bool = True,
     reduction: str = "rax",
 ) -> LossOutput:
-    """LiPO softmax / ListNet / NCE (spec 2.5; PAPER Eq. 11; ``rax.softmax_loss``).
+    """LiPO softmax / ListNet / NCE (LiPO Eq. 11; ``rax.softmax_loss``; docs/loss_reference.md §2.5).
 
         L = -sum_k q_k * log( exp(s_k) / sum_{j valid} exp(s_j) )
 
@@ -285,7 +341,7 @@ def lipo_point_mse_loss(
     beta: float = 0.05,
     reduction: str = "rax",
 ) -> LossOutput:
-    """LiPO point-MSE (spec 2.6; PAPER Eq. 9; ``rax.pointwise_mse_loss``).
+    """LiPO point-MSE (LiPO Eq. 9; ``rax.pointwise_mse_loss``; docs/loss_reference.md §2.6).
 
         l_k = (psi_k - s_k)^2
 
@@ -307,7 +363,7 @@ def lipo_point_sigmoid_loss(
     beta: float = 0.05,
     reduction: str = "rax",
 ) -> LossOutput:
-    """LiPO point-sigmoid (spec 2.7; PAPER Eq. 10; ``rax.pointwise_sigmoid_loss``).
+    """LiPO point-sigmoid (LiPO Eq. 10; ``rax.pointwise_sigmoid_loss``; docs/loss_reference.md §2.7).
 
         l_k = -[psi_k log sigmoid(s_k) + (1 - psi_k) log(1 - sigmoid(s_k))] = softplus(s_k) - psi_k s_k
 
@@ -396,8 +452,8 @@ def lipo_lambda_loss(
     log_base: float = 2.0,
     weighting: str = "dcg",
 ) -> LossOutput:
-    """LiPO-lambda / LambdaLoss (spec 2.8; PAPER Eq. 8; ``rax.pairwise_logistic_loss`` with
-    ``lambdaweight_fn=rax.dcg_lambdaweight``).
+    """LiPO-lambda / LambdaLoss (LiPO Eq. 8; ``rax.pairwise_logistic_loss`` with
+    ``lambdaweight_fn=rax.dcg_lambdaweight``; docs/loss_reference.md §2.8).
 
         L = sum_{(i,j) in P} Delta_ij * log(1 + exp(-(s_i - s_j)))
         Delta_ij = C * |G_i - G_j| * |1/D(tau_i) - 1/D(tau_j)|,  G = 2^psi - 1,  D(r) = log2(1 + r)
@@ -407,14 +463,14 @@ def lipo_lambda_loss(
     ``paper``: per-prompt sum, mean over prompts (the paper's Eq. 8 also has ``scale="none"``).
     ``sum``: the plain sum over the batch's pairs, denominator 1; with ``normalize=True, scale="none"`` this
     is allRank's ``lambdaLoss(weighing_scheme="lambdaRank_scheme", reduction="sum",
-    reduction_log="natural")`` (spec 2.10; allRank's default binary log is this / ln 2). Its denominators do
+    reduction_log="natural")`` (§2.10; allRank's default binary log is this / ln 2). Its denominators do
     not add up across micro-batches (module docstring).
 
     Defaults (RAX): beta = 0.05, scale = "padded" (C = padded N), normalize = False, topn = None,
     log_base = 2. ``weighting="constant"`` sets Delta = 1, the paper's "constant weight" ablation, which is
-    pair-logistic (identity 11). N = 2: L = C * |2^psi_w - 2^psi_l| * 0.369070 * DPO.
+    pair-logistic (§7 identity 11). N = 2: L = C * |2^psi_w - 2^psi_l| * 0.369070 * DPO.
 
-    Padding: with ``scale="padded"`` the loss depends on the padded length (identity 15, as in RAX), so
+    Padding: with ``scale="padded"`` the loss depends on the padded length (§7 identity 15, as in RAX), so
     micro-batches padded to different N add up to the concatenated batch only if they share N. Use
     ``scale="valid"`` (padding-invariant, additive across any micro-batching) for variable N in training.
     """

@@ -17,6 +17,7 @@ from raypo.losses._common import (
     check_positive,
     detached_count,
     finish,
+    label_like,
     masked_logsumexp,
     prepare_inputs,
     row_has_valid,
@@ -25,14 +26,32 @@ from raypo.losses._common import (
 from raypo.losses.labels import mpo_sets
 
 
+def _mpo_labels(name: str, scores: Optional[Tensor], like: Tensor, mask: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(labels, mask, positive, counted)``: the labels in ``like``'s dtype (NaN = invalid) and the MPO
+    sets; shared by the losses and :func:`mpo_denominator`."""
+    labels, mask = scalar_labels(name, scores, like, mask)
+    positive, _, counted = mpo_sets(labels, mask)
+    return labels, mask, positive, counted
+
+
+def mpo_denominator(mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype, name: str = "mpo",
+                    **_hparams: object) -> Tensor:
+    """The mpo / wmpo denominator (prompts with a non-empty ``Y+``) without log-probs.
+
+    ``mask``: prepared bool ``[B, N]``; ``dtype``: the compute dtype; other hyperparameters are ignored.
+    """
+    _, _, _, counted = _mpo_labels(name, scores, label_like(mask, dtype), mask)
+    return detached_count(counted, dtype)
+
+
 def _mpo(name: str, policy_logps: Tensor, ref_logps: Tensor, mask: Optional[Tensor], scores: Optional[Tensor],
          beta: float, alpha: float) -> LossOutput:
     check_positive(name, "beta", beta)
     if not alpha >= 0:
         raise LossHyperparameterError(f"{name}: alpha={alpha!r} must be >= 0 (0 = MPO, > 0 = W-MPO)")
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
-    labels, mask = scalar_labels(name, scores, policy, mask)
-    positive, _, counted = mpo_sets(labels, mask)
+    labels, mask, positive, counted = _mpo_labels(name, scores, policy, mask)
     zero = torch.zeros((), dtype=policy.dtype, device=policy.device)
     s = torch.where(mask, beta * (policy - ref), zero)
     n = mask.sum(-1, keepdim=True).clamp(min=1).to(policy.dtype)

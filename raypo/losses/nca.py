@@ -31,13 +31,14 @@ from raypo.losses._common import (
     check_positive,
     detached_count,
     finish,
+    label_like,
     masked_log_softmax,
     masked_softmax,
     prepare_inputs,
     row_has_valid,
     scalar_labels,
 )
-from raypo.losses.pairwise import pair_output, select_pair
+from raypo.losses.pairwise import pair_denominator, pair_output, select_pair
 
 #: ``nca_loss(variant=...)``: the listwise NCA of ``reward_trainer.py`` (default), and the pairwise
 #: ``loss_type="NCA"`` and ``loss_type="biasedNCA"`` of ``preference_trainer.py``.
@@ -80,6 +81,26 @@ def _setup(
                         first_bonus=first_bonus).to(policy.dtype)
     s = torch.where(mask, beta * (policy - ref), torch.zeros((), dtype=policy.dtype, device=policy.device))
     return s, q, mask
+
+
+def infonca_denominator(mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype,
+                        name: str = "infonca", **_hparams: object) -> Tensor:
+    """The infonca (and listwise nca) denominator, prompts with a valid response, without log-probs.
+
+    ``mask``: prepared bool ``[B, N]``; ``dtype``: the compute dtype; NaN labels mark responses invalid.
+    """
+    _, mask = scalar_labels(name, scores, label_like(mask, dtype), mask)
+    return detached_count(row_has_valid(mask), dtype)
+
+
+def nca_denominator(mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype, name: str = "nca",
+                    variant: str = "listwise", **_hparams: object) -> Tensor:
+    """The nca denominator without log-probs: as infonca for ``"listwise"``, else usable pairs (the pair
+    variants pick (chosen, rejected) as :func:`_pair_nca` does, temperature 1)."""
+    check_choice(name, "variant", variant, NCA_VARIANTS)
+    if variant != "listwise":
+        return pair_denominator(mask, scores, dtype=dtype, name=name)
+    return infonca_denominator(mask, scores, dtype=dtype, name=name)
 
 
 def _mean_over_prompts(per_prompt: Tensor, mask: Tensor, s: Tensor) -> LossOutput:

@@ -1,11 +1,11 @@
-"""Pairwise losses: DPO, IPO, SLiC-hinge (spec 1) and SimPO (spec 6.2).
+"""Pairwise losses: DPO, IPO, SLiC-hinge (docs/loss_reference.md §1) and SimPO (§6.2).
 
 All take ``[B, N]`` log-probs. With ``scores=None`` they need N = 2 with column 0 the chosen and column 1
 the rejected response. With ``scores [B, N]`` any N works: the chosen response is the best valid one
 (argmax, first occurrence) and the rejected one the worst (argmin, first occurrence); a NaN score marks the
 response invalid. Per-dimension ratings ``scores [B, N, m]`` are first reduced as the lambda-DPO trainer's
-UltraFeedback best-vs-worst baseline does (spec 3.3, ``ultrafb_best_worst_dpo``): the mean over dimensions
-of the per-dimension targets ``p*(k) = softmax_valid(R_k / temperature)`` (spec 3.2, T = 1.0 by default; a
+UltraFeedback best-vs-worst baseline does (§3.3, ``ultrafb_best_worst_dpo``): the mean over dimensions
+of the per-dimension targets ``p*(k) = softmax_valid(R_k / temperature)`` (§3.2, T = 1.0 by default; a
 NaN rating is missing and counts as 1.0), then best = argmax and worst = argmin, first occurrence.
 Prompts whose best and worst scores tie, or with fewer than two valid responses, are skipped: they are
 counted in ``metrics["num_skipped"]`` and excluded from the denominator. Batch value = mean over the
@@ -48,6 +48,53 @@ class PairSelection:
     mask: Tensor  # [B, N] bool, the validity mask after NaN labels were removed
 
 
+def pair_labels(
+    name: str, mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype, temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The label-only part of :func:`select_pair`: ``(chosen [B], rejected [B], usable [B], mask [B, N])``.
+
+    ``mask`` is the prepared bool ``[B, N]`` validity mask (on the log-probs' device), ``dtype`` the compute
+    dtype; the returned mask has NaN-labelled responses removed. Shared by the pairwise losses and
+    :func:`pair_denominator`, so a loss and its denominator pick the same pairs.
+    """
+    check_positive(name, "temperature", temperature)
+    if scores is None:
+        if mask.shape[1] != 2:
+            raise LossHyperparameterError(
+                f"{name}: without scores the input must be N = 2 columns [chosen, rejected], got N = "
+                f"{mask.shape[1]}; pass scores [B, N] to pick the best and worst of N responses"
+            )
+        w = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        lo = torch.ones_like(w)
+        usable = mask[:, 0] & mask[:, 1]
+    elif scores.dim() == 3 and tuple(scores.shape[:2]) == tuple(mask.shape):
+        ratings = scores.to(device=mask.device, dtype=torch.float64)
+        aggregate = aggregate_ratings(ratings, mask, temperature=temperature)
+        w, lo, usable = best_worst(aggregate, mask)
+    else:
+        if scores.dim() != 2 or scores.shape != mask.shape:
+            raise LossHyperparameterError(
+                f"{name}: scores must be [B, N] = {tuple(mask.shape)} scalar labels or [B, N, m] "
+                f"per-dimension ratings, got {tuple(scores.shape)}"
+            )
+        scores = scores.to(mask.device)
+        mask = mask & ~torch.isnan(scores.to(dtype))
+        w, lo, usable = best_worst(scores, mask)
+    return w, lo, usable, mask
+
+
+def pair_denominator(
+    mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype, name: str = "pairwise",
+    temperature: float = 1.0, **_hparams: object,
+) -> Tensor:
+    """The denominator of every pairwise loss (usable prompts) from the labels alone (no log-probs).
+
+    ``mask``: prepared bool ``[B, N]``; ``dtype``: the compute dtype. Other hyperparameters are ignored.
+    """
+    _, _, usable, _ = pair_labels(name, mask, scores, dtype=dtype, temperature=temperature)
+    return detached_count(usable, dtype)
+
+
 def select_pair(
     name: str, policy: Tensor, ref: Tensor, mask: Tensor, scores: Optional[Tensor], *,
     temperature: float = 1.0,
@@ -55,32 +102,11 @@ def select_pair(
     """Picks (chosen, rejected) per prompt: columns (0, 1) without scores, else best / worst by score.
 
     ``scores [B, N]``: scalar labels (NaN = invalid response). ``scores [B, N, m]``: per-dimension ratings,
-    aggregated to ``mean_k softmax_valid(R_k / temperature)`` (spec 3.3, :func:`aggregate_ratings`; NaN =
-    missing rating = 1.0) before the best / worst choice (first occurrence on ties).
+    aggregated to ``mean_k softmax_valid(R_k / temperature)`` (docs/loss_reference.md §3.3,
+    :func:`aggregate_ratings`; NaN = missing rating = 1.0) before the best / worst choice (first occurrence
+    on ties; §1.0).
     """
-    check_positive(name, "temperature", temperature)
-    if scores is None:
-        if policy.shape[1] != 2:
-            raise LossHyperparameterError(
-                f"{name}: without scores the input must be N = 2 columns [chosen, rejected], got N = "
-                f"{policy.shape[1]}; pass scores [B, N] to pick the best and worst of N responses"
-            )
-        w = torch.zeros(policy.shape[0], dtype=torch.long, device=policy.device)
-        lo = torch.ones_like(w)
-        usable = mask[:, 0] & mask[:, 1]
-    elif scores.dim() == 3 and tuple(scores.shape[:2]) == tuple(policy.shape):
-        ratings = scores.to(device=policy.device, dtype=torch.float64)
-        aggregate = aggregate_ratings(ratings, mask, temperature=temperature)
-        w, lo, usable = best_worst(aggregate, mask)
-    else:
-        if scores.dim() != 2 or scores.shape != policy.shape:
-            raise LossHyperparameterError(
-                f"{name}: scores must be [B, N] = {tuple(policy.shape)} scalar labels or [B, N, m] "
-                f"per-dimension ratings, got {tuple(scores.shape)}"
-            )
-        scores = scores.to(policy.device)
-        mask = mask & ~torch.isnan(scores.to(policy.dtype))
-        w, lo, usable = best_worst(scores, mask)
+    w, lo, usable, mask = pair_labels(name, mask, scores, dtype=policy.dtype, temperature=temperature)
 
     def take(x: Tensor, idx: Tensor) -> Tensor:
         return x.gather(1, idx.unsqueeze(1)).squeeze(1)
@@ -118,17 +144,19 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     temperature: float = 1.0,
 ) -> LossOutput:
-    """DPO sigmoid loss with optional cDPO label smoothing (spec 1.1; Rafailov et al. Eq. 7; TRL "sigmoid").
+    """DPO sigmoid loss with optional cDPO label smoothing (Rafailov et al. Eq. 7; TRL "sigmoid").
+
+    Reference: docs/loss_reference.md §1.1.
 
         s_i = beta * (logp_theta[i] - logp_ref[i]),   D_s = s_w - s_l
         L = -(1 - eps) * log sigmoid(D_s) - eps * log sigmoid(-D_s)
 
     Log-probs: summed over completion tokens (TRL). Defaults: beta = 0.1, label_smoothing eps = 0
     (TRL v0.12.2 semantics; TRL HEAD dropped eps from "sigmoid", identical at eps = 0), temperature = 1.0
-    (T of the rating softmax, used only with per-dimension ratings, spec 3.2).
+    (T of the rating softmax, used only with per-dimension ratings, §3.2).
     Shapes: ``policy_logps``, ``ref_logps`` ``[B, N]``; pair selection as in the module docstring.
     With ratings ``[B, N, m]`` and length-normalised log-probs this is the lambda-DPO trainer's
-    UltraFeedback best-vs-worst baseline (spec 3.3), registered as ``ultrafb_best_worst_dpo``.
+    UltraFeedback best-vs-worst baseline (§3.3), registered as ``ultrafb_best_worst_dpo``.
     """
     name = "dpo"
     check_positive(name, "beta", beta)
@@ -150,7 +178,7 @@ def ipo_loss(
     beta: float = 0.1,
     temperature: float = 1.0,
 ) -> LossOutput:
-    """IPO (spec 1.2; Azar et al. Eq. 17; TRL "ipo"), tau := beta.
+    """IPO (Azar et al. Eq. 17; TRL "ipo"; docs/loss_reference.md §1.2), tau := beta.
 
         D = (logp_theta[w] - logp_theta[l]) - (logp_ref[w] - logp_ref[l])
         L = (D - 1 / (2 * tau))^2            (= (D_s - 1/2)^2 / beta^2 in s units)
@@ -178,7 +206,7 @@ def slic_loss(
     margin: float = 1.0,
     temperature: float = 1.0,
 ) -> LossOutput:
-    """SLiC hinge / SLiC_norm (spec 1.3; TRL "hinge"; LiPO Eq. 6).
+    """SLiC hinge / SLiC_norm (TRL "hinge"; LiPO Eq. 6; docs/loss_reference.md §1.3).
 
         L = max(0, margin - (s_w - s_l)),   margin = 1 (hard-coded in TRL)
 
@@ -204,10 +232,11 @@ def resolve_simpo_gamma(beta: float, gamma: Optional[float], gamma_beta_ratio: O
     """SimPO's margin gamma: an explicit absolute ``gamma`` wins; else ``gamma_beta_ratio * beta``; else
     ``0.25 * beta`` (the official default ratio).
 
-    Spec 3.3 / 10.10: the official code parameterises gamma through gamma / beta (default 0.25), while
-    LLaMA-Factory (and the lambda-DPO trainer's baseline) gives an absolute ``simpo_gamma = 0.5``. An absolute
-    gamma is the more specific setting, so it takes precedence over a ratio given alongside it (for example
-    a config that states gamma = 0.5 next to the official default ratio 0.25 at beta = 2.5).
+    docs/loss_reference.md §10.10 (and §3.3, §6.2): the official code parameterises gamma through
+    gamma / beta (default 0.25), while LLaMA-Factory (and the lambda-DPO trainer's baseline) gives an
+    absolute ``simpo_gamma = 0.5``. An absolute gamma is the more specific setting, so it takes precedence
+    over a ratio given alongside it (for example a config that states gamma = 0.5 next to the official
+    default ratio 0.25 at beta = 2.5).
     """
     for key, value in (("gamma", gamma), ("gamma_beta_ratio", gamma_beta_ratio)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
@@ -231,7 +260,9 @@ def simpo_loss(
     loss_type: str = "sigmoid",
     temperature: float = 1.0,
 ) -> LossOutput:
-    """SimPO (spec 6.2; princeton-nlp/SimPO ``simpo_loss``), reference-free and length-normalised.
+    """SimPO (Meng et al. arXiv 2405.14734; princeton-nlp/SimPO ``simpo_loss``), reference-free.
+
+    Reference: docs/loss_reference.md §6.2. Length-normalised log-probs.
 
         z = beta * (abar_w - abar_l) - gamma,   abar = length-normalised policy log-prob
         sigmoid: L = -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)
@@ -241,7 +272,7 @@ def simpo_loss(
     gamma = 0.5; eps = 0; loss_type = "sigmoid"; temperature = 1.0 (rating softmax for ``[B, N, m]`` scores
     only). An explicit absolute ``gamma`` (LLaMA-Factory's ``simpo_gamma``) takes precedence over
     ``gamma_beta_ratio`` when both are given (:func:`resolve_simpo_gamma`).
-    gamma = 0 gives DPO with logp_ref = 0 (identity 9).
+    gamma = 0 gives DPO with logp_ref = 0 (§7 identity 9).
     """
     name = "simpo"
     check_positive(name, "beta", beta)

@@ -140,7 +140,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from raypo.modeling import without_zero3_init
+    from raypo.model.loading import without_zero3_init
 
     local, temporary = local_copy(checkpoint)
     try:

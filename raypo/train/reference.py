@@ -2,7 +2,7 @@
 
 The reference model is frozen, so its per-response log-probs (and MallowsPO's normalised entropies) can be
 computed once per dataset instead of on every step: no reference model in the training job and ~25 % fewer
-step FLOPs. The stage runs :func:`raypo.listwise_model.grouped_logprobs`, the function the online reference
+step FLOPs. The stage runs :func:`raypo.model.listwise.grouped_logprobs`, the function the online reference
 and the policy use, and writes two columns, one value per response:
 
 * ``ref_logps``: summed log-probs sum_t log pi_ref(y_t | x, y_<t) (the loss divides by the token count
@@ -13,14 +13,25 @@ Exactness: in a batched forward a log-prob depends, in its last bits, on the oth
 (kernels block their sums by the padded shapes). The stage therefore scores one group per forward
 (``grouped_logprobs(per_group=True)``), and a run with ``train.reference: precomputed`` computes its policy
 log-probs the same way, so the implicit rewards are exactly zero at step 0 in both reference modes.
+
+During training, :func:`reference_outputs` gives a micro-batch's reference values: from these columns when
+the data carries them, else from the online reference engine, through the same function.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import pyarrow as pa
 import torch
 
 from raypo.config import RaypoConfig
+from raypo.losses.mallows import neg_log_dispersion
+from raypo.model.batch import ListwiseBatch
+from raypo.model.listwise import grouped_logprobs
+from raypo.train.engines import s3_options, worker_dtype
+from raypo.train.objective import Objective, sequence_logps
 
 
 class ReferenceScorer:
@@ -28,8 +39,8 @@ class ReferenceScorer:
 
     def __init__(self, ref_path: str, dtype: str, attention: str, prefix_sharing: bool, with_entropy: bool,
                  storage_options: dict | None = None):
-        from raypo.listwise_model import ListwiseLogProbModel
-        from raypo.modeling import load_reference, without_zero3_init
+        from raypo.model.listwise import ListwiseLogProbModel
+        from raypo.model.loading import load_reference, without_zero3_init
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with without_zero3_init():  # a whole model per actor, even in a process that holds a ZeRO-3 engine
@@ -40,8 +51,7 @@ class ReferenceScorer:
         self.with_entropy = with_entropy
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from raypo.listwise_model import grouped_logprobs
-        from raypo.packing import collate_listwise
+        from raypo.model.batch import collate_listwise
 
         rows = table.to_pylist()
         batch = collate_listwise(rows)
@@ -77,7 +87,6 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
     import ray.data
 
     from raypo.losses.registry import get_loss_spec
-    from raypo.train.loop import s3_options, worker_dtype
 
     if with_entropy is None:
         with_entropy = get_loss_spec(cfg.loss.name).needs_dispersion
@@ -89,3 +98,48 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
         num_gpus=1 if use_gpu else 0, num_cpus=1,
     ).materialize()
+
+
+@dataclass
+class ReferenceOutputs:
+    logps: torch.Tensor  # [B, N] reduced as the loss wants (sum or mean over tokens)
+    raw_logps: torch.Tensor  # [B, N] summed log-probs
+    dispersion: Optional[torch.Tensor]  # [B] for MallowsPO
+
+
+def _precomputed(batch: ListwiseBatch, key: str) -> Optional[torch.Tensor]:
+    """A precomputed per-response column, if every real response of the batch has a value."""
+    values = batch.extras.get(key)
+    if values is None or torch.isnan(values[batch.response_mask()]).any():
+        return None
+    return values
+
+
+def reference_outputs(objective: Objective, reference: Any, batch: ListwiseBatch, prefix_sharing: bool,
+                      device: torch.device) -> ReferenceOutputs:
+    """Reference log-probs of a micro-batch from the data (precomputed) or from the ``reference`` engine
+    (online; None when there is none), and MallowsPO's dispersion phi(x) = -c log Hbar(x)."""
+    num_tokens = batch.num_scored_tokens().to(device)
+    needs_entropy = objective.spec.needs_dispersion
+    pre_logps, pre_entropy = _precomputed(batch, "ref_logps"), _precomputed(batch, "ref_entropy")
+    if pre_logps is not None and (not needs_entropy or pre_entropy is not None):
+        raw = torch.nan_to_num(pre_logps.to(device=device, dtype=torch.float32))
+        entropy = pre_entropy
+    elif reference is not None:
+        with torch.no_grad():
+            out = grouped_logprobs(reference, batch, prefix_sharing=prefix_sharing,
+                                   with_entropy=needs_entropy)
+        raw, entropy = out.logps.float(), out.entropy
+    elif not objective.uses_reference and not needs_entropy:
+        zeros = torch.zeros(batch.num_groups, batch.num_responses, device=device)
+        return ReferenceOutputs(zeros, zeros, None)
+    else:
+        raise RuntimeError("train.reference=precomputed but the batch has no ref_logps (or ref_entropy) "
+                           "values; precompute them (raypo does so when train.reference=precomputed) or "
+                           "set train.reference=online")
+    dispersion = None
+    if needs_entropy:
+        mask = batch.response_mask().to(device)
+        hbar = torch.nan_to_num(entropy.to(device).double(), nan=1.0).clamp(min=1e-12)
+        dispersion = neg_log_dispersion(hbar, mask, c=objective.dispersion_c).float()
+    return ReferenceOutputs(sequence_logps(raw, num_tokens, objective.reduction), raw, dispersion)

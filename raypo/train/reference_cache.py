@@ -90,8 +90,8 @@ def _file_sha256(path: Path) -> str:
 def _local_model_dir(ref_path: str) -> Path:
     """The local directory of ``ref_path``: a directory as is, ``s3://`` and ``tiny://`` from this node's
     cache (copied or built if missing), a Hugging Face id from the local HF cache."""
-    from raypo.modeling import resolve_model_source
-    from raypo.tiny import is_tiny_spec
+    from raypo.model.loading import resolve_model_source
+    from raypo.model.tiny import is_tiny_spec
 
     if str(ref_path).startswith("s3://") or is_tiny_spec(str(ref_path)):
         ref_path = resolve_model_source(str(ref_path))
@@ -201,8 +201,8 @@ def stage_settings(cfg: RaypoConfig, with_entropy: bool | None = None) -> dict[s
     """The reference stage's settings that change its values: entropies (None: when ``cfg.loss`` needs a
     dispersion), dtype, attention, layout."""
     from raypo.losses.registry import get_loss_spec
-    from raypo.modeling import hf_attn_implementation
-    from raypo.train.loop import worker_dtype
+    from raypo.model.loading import hf_attn_implementation
+    from raypo.train.engines import worker_dtype
 
     if with_entropy is None:
         with_entropy = get_loss_spec(cfg.loss.name).needs_dispersion

@@ -18,7 +18,8 @@ import json
 import os
 from typing import Any
 
-from raypo.config import RaypoConfig, RunError, to_dict
+from raypo.config import RaypoConfig, to_dict
+from raypo.errors import RunError
 
 RECORD_NAME = "raypo_run.json"
 

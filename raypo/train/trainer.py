@@ -1,6 +1,6 @@
 """Trainer assembly on the driver: datasets, Ray Train's TorchTrainer, storage, callbacks, export.
 
-This is the thin Ray glue around :func:`raypo.train.loop.train_loop_per_worker`; everything that runs on the
+This is the thin Ray glue around :func:`raypo.train.recipe.train_loop_per_worker`; everything that runs on the
 workers lives there.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from raypo.config import RaypoConfig, RunError, to_dict
+from raypo.config import RaypoConfig, to_dict
+from raypo.errors import RunError
 
 
 @dataclass
@@ -20,7 +21,7 @@ class PreparedDatasets:
     """Tokenised train and eval datasets prepared outside :func:`build_trainer`.
 
     A sweep tokenises the data and computes the reference log-probs once, into a Parquet cache that every
-    trial reads (:mod:`raypo.tune`); such a trial hands the datasets in here instead of rebuilding them.
+    trial reads (:mod:`raypo.tune.sweep`); such a trial hands the datasets in here instead of rebuilding them.
     They must carry ``ref_logps`` (and ``ref_entropy`` for MallowsPO) when ``train.reference=precomputed``.
     """
 
@@ -74,7 +75,7 @@ def local_run_directory(cfg: RaypoConfig) -> str:
 
 def resolve_model_paths(cfg: RaypoConfig) -> tuple[str, str]:
     """Local (or hub id) paths of the policy and reference models; ``tiny://`` models are built here."""
-    from raypo.modeling import resolve_model_source, s3_storage_options
+    from raypo.model.loading import resolve_model_source, s3_storage_options
 
     options = s3_storage_options(cfg.data.s3.endpoint_url, cfg.data.s3.region)
     policy = resolve_model_source(cfg.model.path, storage_options=options)
@@ -89,7 +90,7 @@ def model_sources(cfg: RaypoConfig) -> tuple[str, str]:
 
     ``s3://`` and ``tiny://`` stay URIs: each process that loads a model (training workers, tokenising and
     reference-scoring actors) copies or builds it into its own node's cache
-    (:func:`raypo.modeling.resolve_model_source`, idempotent and lock-safe), so a worker on a node that
+    (:func:`raypo.model.loading.resolve_model_source`, idempotent and lock-safe), so a worker on a node that
     joined an autoscaling cluster after the driver resolved the model still finds it. Local paths and
     Hugging Face ids are used as given.
     """
@@ -171,7 +172,7 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
 
     from raypo.data.pipeline import build_datasets, data_config, trainer_datasets
     from raypo.train.callbacks import ProgressCallback
-    from raypo.train.loop import train_loop_per_worker
+    from raypo.train.recipe import train_loop_per_worker
 
     resolve_model_paths(cfg)  # fail fast on a bad model path, and fill the driver node's cache
     policy_path, ref_path = model_sources(cfg)

@@ -22,7 +22,7 @@ def oasst_rows():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from raypo.tiny import build_tiny_tokenizer
+    from raypo.model.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 

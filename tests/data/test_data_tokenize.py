@@ -64,7 +64,7 @@ def test_truncation_policy(tiny_tokenizer):
 
 
 def test_ranks_give_psi_and_the_arrow_stage_keeps_one_row_per_group(tiny_tokenizer, tmp_path):
-    from raypo.tiny import save_tiny_model
+    from raypo.model.tiny import save_tiny_model
 
     rows = [_row(prompt_id=f"p{i}", ranks=[1, 1, 3], scores=[[], [], []]) for i in range(5)]
     d = save_tiny_model(tmp_path / "tiny")

@@ -18,7 +18,7 @@ def _train_fn(config):
     import ray.train
 
     from raypo.data.pipeline import EVAL_KEY, eval_rows_for_rank, train_key
-    from raypo.packing import collate_listwise
+    from raypo.model.batch import collate_listwise
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -14,7 +14,7 @@ from launch_helpers import REPO
 
 from raypo.cli import main
 from raypo.config import ConfigError, config_from_dict, load_config, to_dict
-from raypo.submit import (
+from raypo.launch.submit import (
     RUN_CONFIG_ENV,
     build_submission,
     is_job_spec,
@@ -44,7 +44,7 @@ def test_shipped_job_specs_validate_and_fit(path: Path):
     sub = build_submission(job, cfg)
     assert sub.entrypoint[:2] in (["raypo", job.spec.entrypoint], ["python", "-m"])
     if cfg.scaling.use_gpu:  # cluster jobs: they name their cluster and fit it, and their storage is shared
-        from raypo.plan import make_plan
+        from raypo.launch.plan import make_plan
 
         plan = make_plan(cfg)
         assert plan.fits, path
@@ -58,7 +58,7 @@ def test_shipped_job_specs_validate_and_fit(path: Path):
                          ids=lambda p: p.name)
 def test_memory_comments_match_raypo_plan(path: Path):
     """The per-GPU totals written in each job's comments are what `raypo plan` computes."""
-    from raypo.plan import make_plan
+    from raypo.launch.plan import make_plan
 
     plan = make_plan(job_config(load_job(path)))
     written = re.search(r"total\s+~ ([0-9.]+) GiB", path.read_text())
@@ -67,7 +67,7 @@ def test_memory_comments_match_raypo_plan(path: Path):
 
 
 def test_qwen32b_needs_two_nodes_or_offload():
-    from raypo.plan import make_plan
+    from raypo.launch.plan import make_plan
 
     job = load_job(REPO / "jobs" / "lipo_qwen32b.yaml")
     assert make_plan(job_config(job)).setup.num_nodes >= 2
@@ -87,7 +87,7 @@ def test_inline_config_travels_exactly(path: Path):
     sub = build_submission(job, cfg)
     carried = json.loads(sub.runtime_env["env_vars"][RUN_CONFIG_ENV])
     assert to_dict(config_from_dict(carried)) == to_dict(cfg)
-    assert sub.entrypoint[:4] == ["python", "-m", "raypo.submit", "run"]
+    assert sub.entrypoint[:4] == ["python", "-m", "raypo.launch.submit", "run"]
 
 
 def _shell_argv(command: str, env: dict[str, str]) -> list[str]:
@@ -280,7 +280,7 @@ def test_no_wait_and_follow_exclude_each_other(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The job side: `python -m raypo.submit run ...` and `run-job`
+# The job side: `python -m raypo.launch.submit run ...` and `run-job`
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -322,7 +322,7 @@ def test_quickstart_config_is_unchanged_by_jobs():
 def test_sweep_job_runs_the_tune_entrypoint(capsys):
     job = load_job(REPO / "jobs" / "sweep_beta_llama8b.yaml")
     sub = build_submission(job, job_config(job))
-    assert sub.entrypoint[-3:] == ["raypo.submit", "run", "tune"]
+    assert sub.entrypoint[-3:] == ["raypo.launch.submit", "run", "tune"]
     env = {RUN_CONFIG_ENV: sub.runtime_env["env_vars"][RUN_CONFIG_ENV]}
     assert run_inline("tune", ["--dry-run"], environ=env) == 0
     out = capsys.readouterr().out

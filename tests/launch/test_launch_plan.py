@@ -14,7 +14,7 @@ from launch_helpers import REPO
 
 from raypo.cli import main
 from raypo.config import ConfigError, load_config
-from raypo.plan import (
+from raypo.launch.plan import (
     GIB,
     KNOWN_MODELS,
     Architecture,

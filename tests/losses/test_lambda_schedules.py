@@ -1,5 +1,5 @@
-"""Lambda schedules (raypo.lambdas): simplex, seeding, per-prompt vs per-batch, resume, the official table
-and the learned polynomial scheduler."""
+"""Lambda schedules (raypo.train.lambda_schedules): simplex, seeding, per-prompt vs per-batch, resume, the
+official table and the learned polynomial scheduler."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from raypo.lambdas import (
+from raypo.config import LambdaConfig, LearnedLambdaConfig
+from raypo.train.lambda_schedules import (
     OFFICIAL_TABLE_HEAD,
     SCHEDULES,
-    LambdaScheduleConfig,
     PolynomialLambdaScheduler,
     build_lambda_schedule,
     fit_poly_scheduler,
@@ -34,10 +34,14 @@ PAPER_STYLE_POINTS = [
 ]
 
 
-def _cfg(schedule: str, **kw) -> LambdaScheduleConfig:
+LEARNED_KEYS = ("points", "degree", "num_candidates", "temperature", "results_path", "score_column")
+
+
+def _cfg(schedule: str, **kw) -> LambdaConfig:
+    learned = {k: kw.pop(k) for k in LEARNED_KEYS if k in kw}
     if schedule == "learned":
-        kw.setdefault("points", PAPER_STYLE_POINTS)
-    return LambdaScheduleConfig(schedule=schedule, **kw)
+        learned.setdefault("points", PAPER_STYLE_POINTS)
+    return LambdaConfig(schedule=schedule, learned=LearnedLambdaConfig(**learned), **kw)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -171,14 +175,14 @@ def test_learned_scheduler_paper_style_example() -> None:
 
 
 def test_learned_scheduler_default_tau_is_large_relative_to_the_spread() -> None:
-    """spec 3.4: tau is not recoverable, but the shipped 10-row table (p ~ 0.1 each) implies tau large
+    """tau is not in the paper's code, but the shipped 10-row table (p ~ 0.1 each) implies tau large
     relative to the spread of a_hat; with accuracy-scale scores the default keeps pi near 1/K (yet still
     increasing in a_hat)."""
-    assert LambdaScheduleConfig().temperature == 0.1
+    assert LambdaConfig().learned.temperature == 0.1
     for seed in range(5):
         sched = PolynomialLambdaScheduler(_cfg("learned", seed=seed))
         assert sched.probs.shape == (10,)
-        assert np.ptp(sched.a_hat) < sched.cfg.temperature  # a_hat spreads by a few hundredths
+        assert np.ptp(sched.a_hat) < sched.cfg.learned.temperature  # a_hat spreads by a few hundredths
         assert sched.probs.min() > 0.05 and sched.probs.max() < 0.15
         assert np.argmax(sched.probs) == np.argmax(sched.a_hat)
 
@@ -213,8 +217,7 @@ def test_from_results_table_csv_and_rows(tmp_path: Path) -> None:
 
 
 def test_build_from_project_config_object() -> None:
-    config = pytest.importorskip("raypo.config")
-    cfg = config.LambdaConfig(schedule="table", per="batch", seed=42)
+    cfg = LambdaConfig(schedule="table", per="batch", seed=42)
     sched = build_lambda_schedule(cfg, num_dims=4)
     assert sched.cfg.per == "batch" and sched.cfg.seed == 42
     assert sched.sample(2).shape == (2, 4)
@@ -222,10 +225,10 @@ def test_build_from_project_config_object() -> None:
 
 def test_bad_configs_raise() -> None:
     with pytest.raises(ValueError, match="schedule"):
-        LambdaScheduleConfig(schedule="beta")
+        build_lambda_schedule(LambdaConfig(schedule="beta"))
     with pytest.raises(ValueError, match="per"):
-        LambdaScheduleConfig(per="step")
+        build_lambda_schedule(LambdaConfig(per="step"))
     with pytest.raises(ValueError, match="points"):
-        build_lambda_schedule(LambdaScheduleConfig(schedule="learned"))
+        build_lambda_schedule(LambdaConfig(schedule="learned"))
     with pytest.raises(ValueError, match="not 'uniform'"):
         build_lambda_schedule(_cfg("uniform")).load_state_dict(build_lambda_schedule(_cfg("fixed")).state_dict())

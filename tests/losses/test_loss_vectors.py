@@ -16,9 +16,10 @@ from loss_cases import (
     vector_to_call,
 )
 
-from raypo.lambdas import LambdaScheduleConfig, TableSchedule, table_sample_index
+from raypo.config import LambdaConfig
 from raypo.losses import lipo_psi_from_ranks, list_losses, mallows_phi_link, targets_from_ratings
 from raypo.losses.nca import nca_soft_labels
+from raypo.train.lambda_schedules import TableSchedule, table_sample_index
 
 VECTORS = load_vectors()
 LOSS_VECTORS = [v for v in VECTORS if v["expected"].get("loss") is not None]
@@ -133,8 +134,8 @@ def test_table_scheduler_vector(v: dict) -> None:
     rand = random.Random(v["params"]["seed"])
     assert [table_sample_index(rand, probs) for _ in range(20)] == expected
     # Through the schedule object: per-prompt draws consume one random() each, in order.
-    sched = TableSchedule(LambdaScheduleConfig(schedule="table", seed=v["params"]["seed"],
-                                               table=v["inputs"]["table_lambdas"], table_probs=probs))
+    sched = TableSchedule(LambdaConfig(schedule="table", seed=v["params"]["seed"],
+                                       table=v["inputs"]["table_lambdas"], table_probs=probs))
     lam = sched.sample(20, dtype=torch.float64)
     assert sched.last_indices == expected
     rows = torch.tensor(v["inputs"]["table_lambdas"], dtype=torch.float64)

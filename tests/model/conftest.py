@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raypo.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
+from raypo.model.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

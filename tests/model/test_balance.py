@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from raypo.balance import (
+from raypo.train.token_budget import (
     first_fit_decreasing,
     fixed_count_plan,
     group_shape,
@@ -15,7 +15,7 @@ from raypo.balance import (
     group_token_lengths,
     group_tokens,
     padded_tokens,
-    plan_micro_batches,
+    plan_bins,
 )
 
 
@@ -53,40 +53,40 @@ def test_group_tokens_both_layouts():
 @pytest.mark.parametrize("budget", [1024, 4096])
 def test_invariants(world, budget):
     lengths = _lengths(300, seed=world)
-    plan = plan_micro_batches(lengths, budget, world)
+    plan = plan_bins(lengths, budget, world)
     _check_invariants(plan, lengths, budget, world)
     assert plan.num_padding < world
 
 
 def test_oversized_group_gets_its_own_micro_batch():
-    plan = plan_micro_batches([50, 5000, 40, 30], token_budget=100, world_size=2)
+    plan = plan_bins([50, 5000, 40, 30], token_budget=100, world_size=2)
     _check_invariants(plan, [50, 5000, 40, 30], 100, 2)
     assert plan.oversized == [1]
     assert [1] in [m for rank in plan.ranks for m in rank]
 
 
 def test_padding_micro_batches_are_empty_and_counted():
-    plan = plan_micro_batches([10, 10, 10], token_budget=10, world_size=2)  # 3 bins on 2 ranks
+    plan = plan_bins([10, 10, 10], token_budget=10, world_size=2)  # 3 bins on 2 ranks
     assert plan.num_micro_batches == 2 and plan.num_padding == 1
     assert sorted(len(m) for rank in plan.ranks for m in rank) == [0, 1, 1, 1]
 
 
 def test_empty_input():
-    plan = plan_micro_batches([], token_budget=100, world_size=4)
+    plan = plan_bins([], token_budget=100, world_size=4)
     assert plan.num_micro_batches == 0 and plan.imbalance == 1.0 and plan.sync_efficiency == 1.0
 
 
 def test_deterministic():
     lengths = _lengths(200)
-    a, b = plan_micro_batches(lengths, 2048, 4), plan_micro_batches(list(lengths), 2048, 4)
+    a, b = plan_bins(lengths, 2048, 4), plan_bins(list(lengths), 2048, 4)
     assert a.ranks == b.ranks
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="token_budget"):
-        plan_micro_batches([1], 0, 1)
+        plan_bins([1], 0, 1)
     with pytest.raises(ValueError, match="world_size"):
-        plan_micro_batches([1], 10, 0)
+        plan_bins([1], 10, 0)
 
 
 def test_ffd_bin_count_near_the_lower_bound():
@@ -104,7 +104,7 @@ def test_balance_quality_beats_fixed_group_counts(world):
     data where dealing a fixed number of groups per micro-batch is far worse."""
     lengths = _lengths(64 * world, seed=world)
     budget = 4096
-    plan = plan_micro_batches(lengths, budget, world)
+    plan = plan_bins(lengths, budget, world)
     baseline = fixed_count_plan(lengths, groups_per_micro=4, world_size=world)
     _check_invariants(baseline, lengths, max(max(r) for r in baseline.loads), world)
     assert plan.imbalance <= 1.05, plan.rank_loads()
@@ -144,11 +144,11 @@ def _shapes(n: int, seed: int, prefix_sharing: bool):
 def test_padded_plan_bounds_the_padded_size(prefix_sharing, world):
     lengths, shapes = _shapes(200, seed=world, prefix_sharing=prefix_sharing)
     budget = 8192
-    plan = plan_micro_batches(lengths, budget, world, shapes=shapes)
+    plan = plan_bins(lengths, budget, world, shapes=shapes)
     assert plan.padded
     _check_invariants_padded(plan, shapes, budget, world)
     # counting real tokens alone lets a bin of one long and several short groups pad far past the budget
-    unpadded = plan_micro_batches(lengths, budget, world)
+    unpadded = plan_bins(lengths, budget, world)
     worst = max(padded_tokens([shapes[g] for g in micro]) for rank in unpadded.ranks for micro in rank
                 if len(micro) > 1)
     assert worst > budget
@@ -166,17 +166,17 @@ def _check_invariants_padded(plan, shapes, budget, world):
 
 def test_padded_shapes_must_match_the_groups():
     with pytest.raises(ValueError, match="shapes"):
-        plan_micro_batches([10, 20], 100, 1, shapes=[(1, 10)])
+        plan_bins([10, 20], 100, 1, shapes=[(1, 10)])
 
 
 # ----------------------------------------------------------------------------------------------------
-# The trainer's routing (raypo.train.loop): every rank gets the same number of micro-batches
+# The trainer's routing (raypo.train.token_budget): every rank gets the same number of micro-batches
 # ----------------------------------------------------------------------------------------------------
 
 
 def _groups(n: int, seed: int):
     """n one-group ListwiseBatches with ragged N (2..5) and lengths, scores [N, 2], psi and masks."""
-    from raypo.packing import collate_listwise
+    from raypo.model.batch import collate_listwise
 
     rng = random.Random(seed)
     rows = []
@@ -199,13 +199,13 @@ def test_routing_gives_every_rank_the_same_micro_batch_count(world, per_group):
     micro-batch equal to collating its rows."""
     import torch
 
-    from raypo.packing import collate_listwise
-    from raypo.train.loop import batch_padded_tokens, route_packed
+    from raypo.model.batch import collate_listwise
+    from raypo.train.token_budget import batch_padded_tokens, route_packed
 
     rows, groups = _groups(13, seed=world)
     lams = [torch.full((1, 2), float(g)) for g in range(len(groups))]
     shapes = group_shapes(rows)
-    plan = plan_micro_batches(group_token_lengths(rows), 60, world, shapes=shapes)
+    plan = plan_bins(group_token_lengths(rows), 60, world, shapes=shapes)
     routed = [route_packed(groups, lams, plan, r, per_group=per_group, dummy=7) for r in range(world)]
     assert len({len(micro) for micro in routed}) == 1
     assert any(not m.real for rank in routed for m in rank)  # this plan needs padding somewhere

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from raypo.logprobs import (
+from raypo.model.logprobs import (
     ChunkedLabelLogProb,
     call_as_forward,
     chunked_label_logprobs,

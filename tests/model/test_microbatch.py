@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raypo.microbatch import listwise_backward, num_response_chunks
-from raypo.packing import collate_listwise
+from raypo.model.batch import collate_listwise
+from raypo.model.response_chunks import listwise_backward, num_response_chunks
 
 GROUPS = [(4, [3, 1, 4, 2, 2]), (2, [2, 3]), (3, [1, 2, 2])]
 

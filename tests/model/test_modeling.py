@@ -7,8 +7,9 @@ import gc
 import pytest
 import torch
 
-from raypo.listwise_model import grouped_logprobs
-from raypo.modeling import (
+from raypo.model.batch import collate_listwise
+from raypo.model.listwise import grouped_logprobs
+from raypo.model.loading import (
     COMPLETE_MARKER,
     LoraSettings,
     download_s3_dir,
@@ -21,7 +22,6 @@ from raypo.modeling import (
     s3_storage_options,
     zero3_init_handle,
 )
-from raypo.packing import collate_listwise
 
 TINY = "tiny://llama?seed=0"
 

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from raypo.packing import (
-    ListwiseBatch,
-    collate_listwise,
-    pack_shared,
-    pack_unshared,
-    prefix_sharing_mask,
-    prefix_sharing_mask_mod,
-)
+from raypo.model.batch import ListwiseBatch, collate_listwise
+from raypo.model.layout import prefix_sharing_mask, prefix_sharing_mask_mod, shared_layout, unshared_layout
 
 
 def _batch() -> ListwiseBatch:
@@ -65,7 +59,7 @@ def test_collate_rejects_too_small_width():
 
 
 def test_shared_layout():
-    packed = pack_shared(_batch(), pad_token_id=0)
+    packed = shared_layout(_batch(), pad_token_id=0)
     # row 0: prompt(3) r0(2) r1(1) r2(3) = 9 tokens; row 1: prompt(1) r0(2) + 6 padding
     assert packed.input_ids.tolist() == [[10, 11, 12, 20, 21, 30, 40, 41, 42], [13, 50, 51] + [0] * 6]
     assert packed.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 3, 4, 5]
@@ -80,7 +74,7 @@ def test_shared_layout():
 
 
 def test_unshared_layout():
-    packed = pack_unshared(_batch(), pad_token_id=0)
+    packed = unshared_layout(_batch(), pad_token_id=0)
     assert packed.input_ids.shape == (4, 6)
     assert packed.input_ids[2].tolist() == [10, 11, 12, 40, 41, 42]
     assert packed.attention_mask[1].tolist() == [1, 1, 1, 1, 0, 0]
@@ -91,16 +85,16 @@ def test_unshared_layout():
 def test_unshared_layout_without_responses_keeps_a_row():
     batch = _batch().select_responses(5, 7)
     assert batch.num_responses == 2 and not batch.response_mask().any()
-    packed = pack_unshared(batch)
+    packed = unshared_layout(batch)
     assert packed.input_ids.shape[0] == 1 and packed.target_ids.numel() == 0
 
 
 def test_pad_to_multiple_of():
-    assert pack_shared(_batch(), pad_to_multiple_of=8).input_ids.shape == (2, 16)
+    assert shared_layout(_batch(), pad_to_multiple_of=8).input_ids.shape == (2, 16)
 
 
 def test_mask_rule():
-    packed = pack_shared(_batch())
+    packed = shared_layout(_batch())
     mask = prefix_sharing_mask(packed.group_ids, packed.segment_ids)[0, 0]
     seg = packed.segment_ids[0]
     for q in range(9):
@@ -114,7 +108,7 @@ def test_mask_rule():
 def test_dense_mask_equals_flex_mask_mod():
     from torch.nn.attention.flex_attention import create_mask
 
-    packed = pack_shared(_batch())
+    packed = shared_layout(_batch())
     rows, length = packed.input_ids.shape
     dense = prefix_sharing_mask(packed.group_ids, packed.segment_ids)
     flex = create_mask(prefix_sharing_mask_mod(packed.group_ids, packed.segment_ids), rows, 1, length, length,
@@ -129,12 +123,12 @@ def test_response_masks_select_scored_tokens():
     assert batch.response_masks == [[[0, 1, 1], [1, 1]]]
     assert batch.num_scored_tokens().tolist() == [[2, 2]] and batch.response_lengths().tolist() == [[3, 2]]
     assert batch.extras["psi"].tolist() == [[0.75, 0.25]]
-    shared = pack_shared(batch)
+    shared = shared_layout(batch)
     assert shared.input_ids[0].tolist() == [10, 11, 20, 21, 22, 30, 31]  # scaffolding stays in the context
     assert shared.target_ids.tolist() == [21, 22, 30, 31]
     assert shared.pred_index.tolist() == [2, 3, 1, 5]
     assert shared.slot_index.tolist() == [1, 2, 3, 4]
-    unshared = pack_unshared(batch)
+    unshared = unshared_layout(batch)
     assert unshared.target_ids.tolist() == [21, 22, 30, 31]
     assert batch.select_responses(1, 2).response_masks == [[[1, 1]]]
 

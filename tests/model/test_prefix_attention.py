@@ -1,4 +1,4 @@
-"""The prefix_sdpa backend (raypo.attention): the dense block mask's values and gradients without the
+"""The prefix_sdpa backend (raypo.model.attention): the dense block mask's values and gradients without the
 [L, L] mask, on ragged groups, padding, empty response chunks, GQA and the unshared layout."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raypo.attention import NAME, _segments, is_structure_mask, structure_mask
-from raypo.listwise_model import ListwiseLogProbModel, grouped_logprobs
-from raypo.microbatch import listwise_backward
-from raypo.packing import collate_listwise, pack_shared
+from raypo.model.attention import NAME, _segments, is_structure_mask, structure_mask
+from raypo.model.batch import collate_listwise
+from raypo.model.layout import shared_layout
+from raypo.model.listwise import ListwiseLogProbModel, grouped_logprobs
+from raypo.model.response_chunks import listwise_backward
 
 GROUPS = [(5, [3, 1, 4, 2]), (1, [2, 3]), (3, [1]), (7, [6, 2, 2, 5, 1])]
 
@@ -73,7 +74,7 @@ def test_chunked_listwise_backward_with_empty_chunks(tiny_model_f64, make_rows):
 def test_structure_mask_and_segments():
     batch = collate_listwise([{"prompt_ids": [1, 2, 3], "response_ids": [[4, 5], [6]]},
                               {"prompt_ids": [7], "response_ids": [[8, 9, 10]]}])
-    packed = pack_shared(batch, pad_to_multiple_of=8)
+    packed = shared_layout(batch, pad_to_multiple_of=8)
     mask = structure_mask(packed.group_ids, packed.segment_ids)
     assert is_structure_mask(mask) and mask.shape == (2, 1, 2, 8)
     assert not is_structure_mask(torch.ones(2, 1, 8, 8, dtype=torch.bool))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raypo.listwise_model import ListwiseLogProbModel, grouped_logprobs
-from raypo.packing import collate_listwise, pack_shared
+from raypo.model.batch import collate_listwise
+from raypo.model.layout import shared_layout
+from raypo.model.listwise import ListwiseLogProbModel, grouped_logprobs
 
 # ragged on purpose: P = 1, a 1-token response, N = 1, N = 4
 GROUPS = [(5, [3, 1, 4, 2]), (1, [2, 3]), (3, [1])]
@@ -80,7 +81,7 @@ def test_changing_a_response_length_leaves_others_unchanged(tiny_model_f64, make
 def test_continuing_positions_would_be_wrong(tiny_model_f64, make_rows):
     """Guards the RoPE handling: positions must restart at P for every response."""
     batch = collate_listwise(make_rows(GROUPS))
-    packed = pack_shared(batch)
+    packed = shared_layout(batch)
     wrapper = ListwiseLogProbModel(tiny_model_f64)
     with torch.no_grad():
         right = wrapper(**packed.model_kwargs())["logps"]
@@ -115,7 +116,7 @@ def test_flex_attention_block_mask_forward(tiny_tokenizer, make_rows):
 
     transformers compiles flex_attention, so this takes ~30 s on CPU; flex backward on CPU is unsupported.
     """
-    from raypo.tiny import TinySpec, build_tiny_model
+    from raypo.model.tiny import TinySpec, build_tiny_model
 
     model = build_tiny_model(TinySpec(seed=0), tiny_tokenizer, dtype=torch.float32)
     batch = collate_listwise(make_rows(GROUPS))
@@ -133,7 +134,7 @@ def test_gpu_shared_layout_values_and_grads(tiny_tokenizer, make_rows, attn):
     """On a GPU: the shared layout with FlexAttention (or prefix_sdpa) gives the unshared layout's log-probs
     and gradients (fp32; GPU kernels differ from CPU, so a float32 tolerance) and editing one response
     leaves the others' log-probs bitwise unchanged."""
-    from raypo.tiny import TinySpec, build_tiny_model
+    from raypo.model.tiny import TinySpec, build_tiny_model
 
     model = build_tiny_model(TinySpec(seed=0), tiny_tokenizer, dtype=torch.float32).cuda()
     batch = collate_listwise(make_rows(GROUPS))
@@ -186,7 +187,7 @@ def test_response_masks_score_only_marked_tokens(tiny_model_f64, make_rows):
 def test_per_group_forward_is_independent_of_the_batch_bitwise(tiny_tokenizer, make_rows, attn):
     """``per_group=True``: a group's fp32 log-probs and entropies are bitwise those of the group scored
     alone, whatever it is batched with (the precomputed reference relies on it for exact zero rewards)."""
-    from raypo.tiny import TinySpec, build_tiny_model
+    from raypo.model.tiny import TinySpec, build_tiny_model
 
     model = build_tiny_model(TinySpec(seed=0), tiny_tokenizer, dtype=torch.float32)
     model.config._attn_implementation = attn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raypo.tiny import (
+from raypo.model.tiny import (
     EOS_TOKEN,
     ROLE_TOKENS,
     TinySpec,

@@ -1,6 +1,6 @@
 """ZeRO-3 (DeepSpeed on gloo, 2 CPU processes): the chunked head and listwise micro-batching stay exact.
 
-Checks that the lm_head route of :mod:`raypo.logprobs` gathers the partitioned weight in forward and backward,
+Checks that the lm_head route of :mod:`raypo.model.logprobs` gathers the partitioned weight in forward and backward,
 that response chunks accumulate (not overwrite) gradient partitions, and that two ranks with different N_b
 but an agreed width N give the gradient of one process over the union batch.
 """
@@ -46,10 +46,10 @@ def _worker(rank: int, port: int, model_dir: str, result_path: str) -> None:
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from raypo.listwise_model import ListwiseLogProbModel, grouped_logprobs
-    from raypo.microbatch import listwise_backward
-    from raypo.modeling import load_policy
-    from raypo.packing import collate_listwise
+    from raypo.model.batch import collate_listwise
+    from raypo.model.listwise import ListwiseLogProbModel, grouped_logprobs
+    from raypo.model.loading import load_policy
+    from raypo.model.response_chunks import listwise_backward
 
     deepspeed.init_distributed(dist_backend="gloo")
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -82,10 +82,10 @@ def _free_port() -> int:
 def test_zero3_two_ranks_match_one_process(tiny_model_dir, tmp_path):
     import torch.multiprocessing as mp
 
-    from raypo.listwise_model import ListwiseLogProbModel, grouped_logprobs
-    from raypo.microbatch import listwise_backward
-    from raypo.modeling import load_policy
-    from raypo.packing import collate_listwise
+    from raypo.model.batch import collate_listwise
+    from raypo.model.listwise import ListwiseLogProbModel, grouped_logprobs
+    from raypo.model.loading import load_policy
+    from raypo.model.response_chunks import listwise_backward
 
     result = tmp_path / "rank0.pt"
     mp.start_processes(_worker, args=(_free_port(), str(tiny_model_dir), str(result)), nprocs=WORLD,

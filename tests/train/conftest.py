@@ -12,7 +12,7 @@ import pytest
 def tokenized_rows(tiny_model_dir):
     from raypo.config import load_config
     from raypo.data.pipeline import build_rows
-    from raypo.modeling import load_tokenizer
+    from raypo.model.loading import load_tokenizer
 
     cfg = load_config(None, ["data.train_path=synthetic://default?num_prompts=24&seed=3",
                              "data.eval_fraction=0.0", "data.max_prompt_length=64",

@@ -71,8 +71,8 @@ def test_packing_and_response_chunks_across_two_workers_give_the_plain_run(ray_c
     packed = run_training(load_config(None, overrides(tiny_model_dir, ragged_data, str(tmp_path), "packed")
                                       + packing))
     assert plain.metrics["step"] == packed.metrics["step"] == STEPS
-    assert plain.metrics["perf/micro_batches"] == 1.0  # k = 1 read micro-batch per rank and step
-    assert packed.metrics["perf/micro_batches"] == 2.0  # 3 packed micro-batches + 1 padding on 2 ranks
+    assert plain.metrics["perf/forwards"] == 1.0  # k = 1 read micro-batch per rank and step
+    assert packed.metrics["perf/forwards"] == 2.0  # 3 packed micro-batches + 1 padding on 2 ranks
     assert packed.metrics["perf/padding_efficiency"] == pytest.approx(PACKED_EFFICIENCY)
     assert packed.metrics["train/loss"] == pytest.approx(plain.metrics["train/loss"], rel=1e-4)
 

@@ -12,7 +12,7 @@ import pytest
 
 from raypo.config import load_config
 from raypo.data.schema import tokenized_schema
-from raypo.tiny import save_tiny_model
+from raypo.model.tiny import save_tiny_model
 from raypo.train import reference as reference_stage
 from raypo.train.reference_cache import (
     cached_reference_logprobs,

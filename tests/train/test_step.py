@@ -8,16 +8,11 @@ import torch
 
 from raypo.config import load_config
 from raypo.losses.registry import LOSS_REGISTRY, get_loss_spec
-from raypo.packing import collate_listwise
-from raypo.train.labels import loss_labels
-from raypo.train.loop import (
-    build_engines,
-    denominator_of,
-    loss_setup,
-    micro_batch_loss,
-    reference_outputs,
-    train_step,
-)
+from raypo.model.batch import collate_listwise
+from raypo.train.engines import build_engines
+from raypo.train.objective import Objective, loss_labels
+from raypo.train.recipe import ListwiseRecipe
+from raypo.train.reference import reference_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +41,16 @@ def flat_params(engine):
 def test_every_loss_trains_a_few_steps(loss, tiny_model_dir, tokenized_rows, single_process_group):
     rows, dims = tokenized_rows
     cfg = make_cfg(loss)
-    setup = loss_setup(cfg, dims)
+    setup = Objective.from_config(cfg, dims)
     engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
                             needs_online_reference=True, total_steps=3)
-    from raypo.lambdas import build_lambda_schedule
+    from raypo.train.lambda_schedules import build_lambda_schedule
 
     schedule = build_lambda_schedule(cfg.lambdas, num_dims=len(dims)) if setup.spec.needs_lambda else None
     before = flat_params(engines.policy)
     losses = []
     for batch in batches(rows)[:3]:
-        sums = train_step(cfg, setup, engines, [batch], schedule, torch.device("cpu"), world_size=1)
+        sums = ListwiseRecipe(cfg, setup, engines, schedule=schedule).train_step([batch])
         num, den = sums["train/loss_numerator"][0], sums["train/loss_denominator"][0]
         losses.append(float(num / den) if den > 0 else 0.0)
     assert all(torch.isfinite(torch.tensor(losses))), losses
@@ -65,17 +60,17 @@ def test_every_loss_trains_a_few_steps(loss, tiny_model_dir, tokenized_rows, sin
 
 
 def test_rewards_are_exactly_zero_at_step_zero_online(tiny_model_dir, tokenized_rows, single_process_group):
-    from raypo.listwise_model import grouped_logprobs
+    from raypo.model.listwise import grouped_logprobs
 
     rows, dims = tokenized_rows
     cfg = make_cfg("lipo_lambda")
-    setup = loss_setup(cfg, dims)
+    setup = Objective.from_config(cfg, dims)
     engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
                             needs_online_reference=True, total_steps=1)
     batch = batches(rows)[0]
-    ref = reference_outputs(setup, engines, batch, True, torch.device("cpu"))
+    ref = reference_outputs(setup, engines.reference, batch, True, torch.device("cpu"))
     policy = grouped_logprobs(engines.policy, batch).logps
-    out = micro_batch_loss(setup, batch, policy, ref, None, torch.device("cpu"))
+    out = setup.loss(batch, policy, ref.logps, ref.dispersion, None, torch.device("cpu"))
     mask = batch.response_mask()
     assert torch.equal(out.rewards[mask], torch.zeros_like(out.rewards[mask]))
 
@@ -95,12 +90,12 @@ def test_rewards_are_exactly_zero_at_step_zero_precomputed(tiny_model_dir, token
                              with_entropy=False)
     table = pa.Table.from_pylist(rows[:12])
     scored = pa.concat_tables([scorer(table.slice(i, 3)) for i in range(0, 12, 3)]).to_pylist()
-    setup = loss_setup(cfg, dims)
+    setup = Objective.from_config(cfg, dims)
     engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
                             needs_online_reference=False, total_steps=1)
     assert engines.reference is None
     batch = batches(scored)[1]  # groups 4..7: scored across two of the stage's batches
-    sums = train_step(cfg, setup, engines, [batch], None, torch.device("cpu"), world_size=1)
+    sums = ListwiseRecipe(cfg, setup, engines, schedule=None).train_step([batch])
     reward_sum, count = sums["train/reward_abs_mean"]
     kl_sum, _ = sums["train/kl_per_token"]
     assert float(count) == float(batch.response_mask().sum()) > 0
@@ -112,13 +107,13 @@ def test_step_normalises_over_the_whole_step(tiny_model_dir, tokenized_rows, sin
     mean of the two micro-batch losses."""
     rows, dims = tokenized_rows
     cfg = make_cfg("lipo_pair_logistic", "train.grad_accum_steps=2")
-    setup = loss_setup(cfg, dims)
+    setup = Objective.from_config(cfg, dims)
     a, b = collate_listwise(rows[:1]), collate_listwise(rows[1:4])
-    dens = [denominator_of(setup, x, None, torch.device("cpu")) for x in (a, b)]
+    dens = [setup.denominator(x, None, torch.device("cpu")) for x in (a, b)]
     assert dens[0] != dens[1]
     engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
                             needs_online_reference=True, total_steps=1)
-    sums = train_step(cfg, setup, engines, [a, b], None, torch.device("cpu"), world_size=1)
+    sums = ListwiseRecipe(cfg, setup, engines, schedule=None).train_step([a, b])
     assert float(sums["train/loss_denominator"][0]) == pytest.approx(sum(dens))
 
 
@@ -141,7 +136,7 @@ def test_export_builds_a_plain_model_while_an_engine_lives_in_the_process(tiny_m
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from raypo.modeling import without_zero3_init
+    from raypo.model.loading import without_zero3_init
     from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint
 
     cfg = make_cfg("dpo")
@@ -165,18 +160,18 @@ def test_lora_run_exports_the_merged_model(tiny_model_dir, tokenized_rows, singl
     are the adapted policy's (W = W_0 + alpha / r * B A merged), not the base model's."""
     from transformers import AutoModelForCausalLM
 
-    from raypo.listwise_model import grouped_logprobs
-    from raypo.modeling import without_zero3_init
+    from raypo.model.listwise import grouped_logprobs
+    from raypo.model.loading import without_zero3_init
     from raypo.train.checkpoint import TrainState, export_checkpoint, save_checkpoint
 
     rows, dims = tokenized_rows
     cfg = make_cfg("lipo_lambda", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=16",
                    "optimizer.lr=0.05")
-    setup = loss_setup(cfg, dims)
+    setup = Objective.from_config(cfg, dims)
     engines = build_engines(cfg, str(tiny_model_dir), str(tiny_model_dir), world_size=1,
                             needs_online_reference=True, total_steps=3)
     for batch in batches(rows)[:3]:
-        train_step(cfg, setup, engines, [batch], None, torch.device("cpu"), world_size=1)
+        ListwiseRecipe(cfg, setup, engines, schedule=None).train_step([batch])
     probe = batches(rows)[3]
     with torch.no_grad():
         trained = grouped_logprobs(engines.policy, probe).logps
@@ -235,18 +230,18 @@ def count_forwards(engine) -> list[int]:
 def run_steps(cfg, dims, model_dir, steps, lambdas: bool):
     """Train ``steps`` (each a list of read micro-batches) on a fresh engine; (losses, weights, forward
     calls, micro-batches per step, optimizer steps)."""
-    from raypo.lambdas import build_lambda_schedule
+    from raypo.train.lambda_schedules import build_lambda_schedule
 
-    setup = loss_setup(cfg, dims)
+    setup = Objective.from_config(cfg, dims)
     engines = build_engines(cfg, str(model_dir), str(model_dir), world_size=1,
                             needs_online_reference=cfg.train.reference == "online", total_steps=len(steps))
     schedule = build_lambda_schedule(cfg.lambdas, num_dims=len(dims)) if lambdas else None
     calls = count_forwards(engines.policy)
     losses, micro = [], []
     for step in steps:
-        sums = train_step(cfg, setup, engines, step, schedule, torch.device("cpu"), world_size=1)
+        sums = ListwiseRecipe(cfg, setup, engines, schedule=schedule).train_step(step)
         losses.append(float(sums["train/loss_numerator"][0] / sums["train/loss_denominator"][0]))
-        micro.append(int(sums["perf/micro_batches"][0]))
+        micro.append(int(sums["perf/forwards"][0]))
     return losses, flat_params(engines.policy), calls[0], micro, engines.policy.global_steps
 
 

@@ -219,7 +219,7 @@ def test_results_table_best_config_and_plots_are_written(sweep):
 def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluster, tiny_model_dir, tmp_path):
     """The sweep's best config, as written, trains (here with the learned scheduler fitted from the sweep's
     table in place of its fixed lambda, and fewer steps)."""
-    from raypo.lambdas import from_results_table
+    from raypo.train.lambda_schedules import from_results_table
     from raypo.train.trainer import run_training
 
     table_path = sweep["experiment"] / "results" / "results.csv"

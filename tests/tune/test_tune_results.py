@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from raypo.config import load_config
-from raypo.lambdas import from_results_table, read_results_table
-from raypo.tune import (
+from raypo.train.lambda_schedules import from_results_table, read_results_table
+from raypo.tune.sweep import (
     STATUS_COMPLETED,
     STATUS_ERROR,
     STATUS_STOPPED,

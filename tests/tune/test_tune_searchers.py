@@ -16,9 +16,9 @@ import textwrap
 
 import pytest
 
-import raypo.tune as raypo_tune
+import raypo.tune.sweep as raypo_tune
 from raypo.config import load_config
-from raypo.tune import TrialSetup, build_tuner, plan_sweep, report_results, results_table, run_sweep
+from raypo.tune.sweep import TrialSetup, build_tuner, plan_sweep, report_results, results_table, run_sweep
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ METRIC = "eval/pairwise_accuracy"
 
 
 def stand_in_trainable(setup):
-    """Replaces :func:`raypo.tune.make_trainable`: a trial of 4 steps whose metric grows with beta (ipo gets
+    """Replaces :func:`raypo.tune.sweep.make_trainable`: a trial of 4 steps whose metric grows with beta (ipo gets
     a bonus). Defined inside, so Ray pickles it by value (workers cannot import a test module)."""
 
     def trial(config):

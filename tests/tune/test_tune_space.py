@@ -11,7 +11,7 @@ import pytest
 
 from raypo.cli import main
 from raypo.config import ConfigError, load_config, to_dict, to_yaml
-from raypo.tune import (
+from raypo.tune.sweep import (
     TrialSetup,
     _base_for_trials,
     apply_overrides,
@@ -94,7 +94,7 @@ def test_nested_form_and_command_line_override_are_the_flat_form(tmp_path):
 
 
 def test_the_job_spec_sweep_uses_this_format():
-    from raypo.submit import job_config, load_job
+    from raypo.launch.submit import job_config, load_job
 
     cfg = job_config(load_job(REPO / "jobs" / "sweep_beta_llama8b.yaml"))
     sweep = plan_sweep(cfg, "jobs/sweep_beta_llama8b.yaml")
@@ -362,7 +362,7 @@ def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
 def test_optuna_search_takes_the_space_and_a_missing_searcher_names_the_fix(tmp_path, monkeypatch):
     import importlib.util
 
-    from raypo.tune import _search_algorithm, param_space
+    from raypo.tune.sweep import _search_algorithm, param_space
 
     cfg = load(tmp_path, "search_space:\n  loss.beta: {loguniform: [0.01, 0.5]}\n"
                          "  loss.name: {choice: [dpo, ipo]}\nsearch_alg: optuna\n")
@@ -387,7 +387,7 @@ def test_asha_rungs_are_replayed_from_finished_trials_after_a_restore(tmp_path):
 
     from pyarrow import fs
 
-    from raypo.tune import _scheduler
+    from raypo.tune.sweep import _scheduler
 
     cfg = load(tmp_path, "search_space:\n  loss.beta: {loguniform: [0.01, 0.5]}\ngrace_period: 5\n")
     metric = cfg.tune.metric

@@ -5,7 +5,7 @@ and submits it through Ray's ``JobSubmissionClient``, or prints the equivalent p
 command (``--print-ray-cli``) so a job can be launched with the Ray CLI alone. Everything is validated on
 the submitting machine first: the spec's keys and types, its paths, and its raypo config
 (:func:`raypo.config.load_config`); with a cluster named in ``config.plan``, also whether the job fits
-(:mod:`raypo.plan`).
+(:mod:`raypo.launch.plan`).
 
 Job spec (every key but ``name`` and ``config`` is optional)::
 
@@ -32,7 +32,7 @@ How the config reaches the cluster
     ``config: {...}`` the config is resolved here (``defaults`` relative to the job file, overrides applied,
                       validated); the values that differ from raypo's defaults travel as JSON in the
                       runtime_env variable ``RAYPO_JOB_CONFIG``, and the entrypoint
-                      ``python -m raypo.submit run train [args]`` writes them to a YAML file on the cluster
+                      ``python -m raypo.launch.submit run train [args]`` writes them to a YAML file on the cluster
                       and runs ``raypo train`` on it. No working_dir is needed, so this also works with
                       ``image_uri``.
     Either way ``checkpoint.run_name`` defaults to the job's name: re-submitting a job resumes its run.
@@ -62,21 +62,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from raypo import __version__
-from raypo.config import (
-    ConfigError,
-    RaypoConfig,
-    _dataclass_of,
-    _deep_merge,
-    _did_you_mean,
-    _parse_overrides,
-    _read_yaml,
-    _resolve_include,
-    _unknown_keys,
-    config_from_dict,
-    load_config,
-    to_dict,
-    to_yaml,
+from raypo.config import RaypoConfig, config_from_dict, load_config, to_dict, to_yaml
+from raypo.config.load import (
+    dataclass_of,
+    deep_merge,
+    parse_overrides,
+    read_yaml,
+    resolve_include,
+    unknown_keys,
 )
+from raypo.errors import ConfigError, did_you_mean
 
 ENTRYPOINTS = ("train", "tune")
 SUBMISSION_ID_POLICIES = ("unique", "fixed", "ray")
@@ -201,7 +196,7 @@ def _expected(schema: type, dotted: str) -> str:
         if schema is None or not dataclasses.is_dataclass(schema):
             break
         hint = get_type_hints(schema).get(part)
-        schema = _dataclass_of(hint) if hint is not None else None
+        schema = dataclass_of(hint) if hint is not None else None
     return str(hint).replace("typing.", "") if hint is not None else "the schema's type"
 
 
@@ -224,7 +219,7 @@ def _scalar_mapping_problems(raw: dict[str, Any]) -> list[str]:
 
 
 def _typed_spec(raw: dict[str, Any], source: str) -> JobSpec:
-    problems = _unknown_keys(raw, JobSpec) + _scalar_mapping_problems(raw)
+    problems = unknown_keys(raw, JobSpec) + _scalar_mapping_problems(raw)
     if problems:
         raise JobSpecError(problems, source=source)
     try:
@@ -256,13 +251,13 @@ def validate_job_spec(spec: JobSpec) -> list[str]:
                  "letter or digit, e.g. mpo-llama8b")
     if spec.entrypoint not in ENTRYPOINTS:
         p.append(f"entrypoint={spec.entrypoint!r} is not one of {', '.join(ENTRYPOINTS)}: "
-                 f"{_did_you_mean(spec.entrypoint, list(ENTRYPOINTS))}")
+                 f"{did_you_mean(spec.entrypoint, list(ENTRYPOINTS))}")
     else:
         flags = _entry_flags(spec.entrypoint)
         for arg in spec.args:
             if arg.split("=", 1)[0] not in flags:
                 p.append(f"args: {arg!r} is not a flag of `raypo {spec.entrypoint}` "
-                         f"({_did_you_mean(arg, flags)}); put key=value settings in overrides")
+                         f"({did_you_mean(arg, flags)}); put key=value settings in overrides")
     if spec.config is None:
         p.append("config is required: a raypo config path relative to runtime_env.working_dir "
                  "(e.g. configs/quickstart.yaml), or an inline mapping (model:, data:, loss:, ...)")
@@ -272,7 +267,7 @@ def validate_job_spec(spec: JobSpec) -> list[str]:
           for o in spec.overrides if "=" not in o]
     if spec.submission_id not in SUBMISSION_ID_POLICIES:
         p.append(f"submission_id={spec.submission_id!r} is not one of {', '.join(SUBMISSION_ID_POLICIES)}: "
-                 f"{_did_you_mean(spec.submission_id, list(SUBMISSION_ID_POLICIES))}")
+                 f"{did_you_mean(spec.submission_id, list(SUBMISSION_ID_POLICIES))}")
     p += _runtime_env_problems(spec)
     p += _resource_problems(spec.entrypoint_resources)
     for key in spec.metadata:
@@ -375,8 +370,8 @@ def _inline_config(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         includes = [includes]
     merged: dict[str, Any] = {}
     for name in includes:
-        merged = _deep_merge(merged, _read_yaml(_resolve_include(str(name), base_dir)))
-    return _deep_merge(merged, raw)
+        merged = deep_merge(merged, read_yaml(resolve_include(str(name), base_dir)))
+    return deep_merge(merged, raw)
 
 
 def job_config(job: Job) -> RaypoConfig:
@@ -392,7 +387,7 @@ def job_config(job: Job) -> RaypoConfig:
         else:
             raw = _inline_config(spec.config, job.path.parent)
             if overrides:
-                raw = _deep_merge(raw, _parse_overrides(overrides))
+                raw = deep_merge(raw, parse_overrides(overrides))
             cfg = config_from_dict(raw)
     except JobSpecError:
         raise
@@ -436,7 +431,7 @@ def plan_problems(cfg: RaypoConfig) -> tuple[list[str], Optional[str]]:
     """When ``plan`` names a cluster: (problems if the job does not fit, the plan's text)."""
     if not (cfg.plan.node_type or cfg.plan.gpu_memory_gib):
         return [], None
-    from raypo.plan import format_plan, make_plan
+    from raypo.launch.plan import format_plan, make_plan
 
     try:
         plan = make_plan(cfg)
@@ -526,7 +521,7 @@ def build_submission(job: Job, cfg: RaypoConfig, now: Optional[datetime] = None)
         entrypoint = ["raypo", spec.entrypoint, Path(spec.config).as_posix(), *overrides, *spec.args]
     else:
         env_vars[RUN_CONFIG_ENV] = json.dumps(non_default_values(cfg), sort_keys=True, separators=(",", ":"))
-        entrypoint = ["python", "-m", "raypo.submit", "run", spec.entrypoint, *spec.args]
+        entrypoint = ["python", "-m", "raypo.launch.submit", "run", spec.entrypoint, *spec.args]
     if env_vars or env.forward_env:
         runtime_env["env_vars"] = env_vars
 
@@ -758,8 +753,8 @@ def submit_command(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# On the cluster: `python -m raypo.submit run train|tune [ARGS]` (inline configs) and
-# `python -m raypo.submit run-job JOB.yaml` (a job spec whose files are on this machine: KubeRay RayJobs)
+# On the cluster: `python -m raypo.launch.submit run train|tune [ARGS]` (inline configs) and
+# `python -m raypo.launch.submit run-job JOB.yaml` (a job spec whose files are on this machine: KubeRay RayJobs)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -770,7 +765,7 @@ def run_inline(entrypoint: str, args: list[str], environ: Optional[dict[str, str
     environ = os.environ if environ is None else environ
     text = environ.get(RUN_CONFIG_ENV)
     if not text:
-        raise ConfigError([f"{RUN_CONFIG_ENV} is not set: `python -m raypo.submit run` runs jobs submitted "
+        raise ConfigError([f"{RUN_CONFIG_ENV} is not set: `python -m raypo.launch.submit run` runs jobs submitted "
                            "by `raypo submit` with an inline config; use `raypo train CONFIG` otherwise"])
     cfg = config_from_dict(json.loads(text), source=f"${RUN_CONFIG_ENV}")
     with tempfile.TemporaryDirectory(prefix="raypo-job-") as tmp:
@@ -796,8 +791,8 @@ def run_job_here(path: str) -> int:
 
 
 _USAGE = """\
-usage: python -m raypo.submit run {train,tune} [ARGS...]   the job side of `raypo submit` (inline config)
-       python -m raypo.submit run-job JOB.yaml                 run a job spec here (a RayJob's entrypoint)"""
+usage: python -m raypo.launch.submit run {train,tune} [ARGS...]   the job side of `raypo submit` (inline config)
+       python -m raypo.launch.submit run-job JOB.yaml                 run a job spec here (a RayJob's entrypoint)"""
 
 
 def main(argv: Optional[list[str]] = None) -> int:

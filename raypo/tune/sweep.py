@@ -89,17 +89,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from raypo.config import (
-    ConfigError,
-    RaypoConfig,
-    _deep_merge,
-    _did_you_mean,
-    _unknown_keys,
-    config_from_dict,
-    load_config,
-    to_dict,
-    to_yaml,
-)
+from raypo.config import RaypoConfig, config_from_dict, load_config, to_dict, to_yaml
+from raypo.config.load import deep_merge, unknown_keys
+from raypo.errors import ConfigError, did_you_mean
 
 # ----------------------------------------------------------------------------------------------------
 # Search space: parsing and validation (no Ray needed)
@@ -271,7 +263,7 @@ def _parse_simplex(where: str, opts: Any, cfg: RaypoConfig) -> tuple[Points, lis
         opts = {}
     if not isinstance(opts, Mapping):
         return (), [f"{where}={opts!r} must be a mapping of {', '.join(SIMPLEX_OPTIONS)}"]
-    problems = [f"{where}: unknown option '{k}': {_did_you_mean(str(k), list(SIMPLEX_OPTIONS))}"
+    problems = [f"{where}: unknown option '{k}': {did_you_mean(str(k), list(SIMPLEX_OPTIONS))}"
                 for k in opts if k not in SIMPLEX_OPTIONS]
     m = _simplex_num_dims(opts, cfg)
     if m is None:
@@ -372,7 +364,7 @@ def _key_problems(keys: list[str]) -> list[str]:
         for reserved, why in RESERVED_KEYS.items():
             if key == reserved or key.startswith(reserved + "."):
                 problems.append(f"tune.search_space.{key}: cannot be searched ({why})")
-    for p in _unknown_keys(_nest({k: None for k in keys}), RaypoConfig):
+    for p in unknown_keys(_nest({k: None for k in keys}), RaypoConfig):
         # "unknown key 'loss.bta': did you mean 'beta'?" -> "... did you mean 'loss.beta'?"
         m = re.match(r"unknown key '(.+)\.[^.']+': did you mean '([^']+)'\?$", p)
         problems.append(f"tune.search_space: {p[:p.rindex('did you mean')]}did you mean "
@@ -420,7 +412,7 @@ def trial_overrides(dims: list[SearchDim], point: Mapping[str, Any]) -> dict[str
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``raw`` (a config as plain containers) with dotted ``overrides`` merged in."""
-    return _deep_merge(dict(raw), _nest(overrides))
+    return deep_merge(dict(raw), _nest(overrides))
 
 
 def _base_for_trials(cfg: RaypoConfig) -> dict[str, Any]:

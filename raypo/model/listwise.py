@@ -1,9 +1,10 @@
 """Per-response sequence log-probs of a listwise batch: s[b, i] = sum_t log pi(y_{b,i,t} | x_b, y_{b,i,<t}).
 
-:class:`ListwiseLogProbModel` wraps a Hugging Face causal LM. Its forward takes packed tensors
-(:mod:`raypo.packing`) and returns per-response sums; it is the module handed to ``deepspeed.initialize``, so
-the decoder, the block mask and the chunked log-prob head (:mod:`raypo.logprobs`) all run inside the
-engine's forward, which ZeRO-3 needs (parameter gathering, micro-step bookkeeping, output hooks).
+:class:`ListwiseLogProbModel` wraps a Hugging Face causal LM. Its forward takes the layout's tensors
+(:mod:`raypo.model.layout`) and returns per-response sums; it is the module handed to
+``deepspeed.initialize``, so the decoder, the block mask and the chunked log-prob head
+(:mod:`raypo.model.logprobs`) all run inside the engine's forward, which ZeRO-3 needs (parameter gathering,
+micro-step bookkeeping, output hooks).
 
 :func:`grouped_logprobs` is the one entry point for policy, reference and precomputed-reference passes, so
 step-0 implicit rewards are exactly zero when policy and reference weights agree.
@@ -14,10 +15,10 @@ Attention backends for the shared layout (``config._attn_implementation`` of the
 * ``sdpa``: dense boolean mask [R, 1, L, L] (SDPA's flash kernel takes no arbitrary mask, so it runs the
   memory-efficient or math kernel; the mask costs R*L^2 bytes). Opt-in (``model.attention: sdpa``).
 * ``raypo_prefix_sdpa`` (``model.attention: prefix_sdpa``, and the default ``auto`` with prefix sharing):
-  no dense mask; a [R, 1, 2, L] structure mask from which :mod:`raypo.attention` computes only the allowed
-  blocks (prompt causal, each response on [prompt | itself]) with batched SDPA: attention cost
+  no dense mask; a [R, 1, 2, L] structure mask from which :mod:`raypo.model.attention` computes only the
+  allowed blocks (prompt causal, each response on [prompt | itself]) with batched SDPA: attention cost
   P^2 + sum_i R_i (P + R_i) instead of L^2.
-* ``flex_attention``: a FlexAttention ``BlockMask`` from :func:`raypo.packing.prefix_sharing_mask_mod`
+* ``flex_attention``: a FlexAttention ``BlockMask`` from :func:`raypo.model.layout.prefix_sharing_mask_mod`
   (GPU; block-sparse, so masked-out response pairs cost nothing). Only its forward is checked, on CPU (an
   integration test); its backward and the GPU kernels have not been run.
 * ``flash_attention_*``: no custom mask, so prefix sharing is refused (use the unshared layout).
@@ -30,22 +31,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raypo import attention as prefix_attention  # registers the prefix_sdpa backend with transformers
-from raypo.logprobs import (
+from raypo.model import attention as prefix_attention  # registers the prefix_sdpa backend with transformers
+from raypo.model.batch import ListwiseBatch
+from raypo.model.layout import (
+    LayoutInputs,
+    additive_mask,
+    prefix_sharing_mask,
+    prefix_sharing_mask_mod,
+    shared_layout,
+    unshared_layout,
+)
+from raypo.model.logprobs import (
     DEFAULT_HEAD_CHUNK_SIZE,
     check_head_supported,
     lm_head_label_logprobs,
     normalised_entropy,
     output_vocab_size,
-)
-from raypo.packing import (
-    ListwiseBatch,
-    PackedInputs,
-    additive_mask,
-    pack_shared,
-    pack_unshared,
-    prefix_sharing_mask,
-    prefix_sharing_mask_mod,
 )
 
 _DENSE_MASK_BACKENDS = ("eager", "sdpa")
@@ -127,7 +128,7 @@ class ListwiseLogProbModel(nn.Module):
         segment_ids: torch.Tensor | None = None,
         with_entropy: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Packed inputs (:class:`raypo.packing.PackedInputs`) -> ``{"logps": [B, N], "entropy": [B, N]}``.
+        """:class:`raypo.model.layout.LayoutInputs` -> ``{"logps": [B, N], "entropy": [B, N]}``.
 
         ``logps`` are sums over each response's tokens; ``entropy`` (only with ``with_entropy``) are sums of
         per-token entropies in nats. A plain dict of tensors, so DeepSpeed's output hooks see them.
@@ -186,9 +187,9 @@ def _lm_head(model: nn.Module) -> nn.Module:
 
 
 def pack(batch: ListwiseBatch, *, prefix_sharing: bool, pad_token_id: int = 0,
-         pad_to_multiple_of: int = 1) -> PackedInputs:
-    """The shared or unshared layout of ``batch`` (:mod:`raypo.packing`)."""
-    packer = pack_shared if prefix_sharing else pack_unshared
+         pad_to_multiple_of: int = 1) -> LayoutInputs:
+    """The shared or unshared layout of ``batch`` (:mod:`raypo.model.layout`)."""
+    packer = shared_layout if prefix_sharing else unshared_layout
     return packer(batch, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from raypo.listwise_model import LogProbOutput, grouped_logprobs
-from raypo.packing import ListwiseBatch
+from raypo.model.batch import ListwiseBatch
+from raypo.model.listwise import LogProbOutput, grouped_logprobs
 
 # loss_fn(policy_logps [B, N]) -> (numerator, denominator, metrics); the loss value is numerator / denominator
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | float, dict]]
@@ -103,7 +103,7 @@ def listwise_backward(
     """Forward and backward of ``loss_fn(logps)`` for one micro-batch, in response chunks.
 
     Args:
-        model: causal LM, :class:`~raypo.listwise_model.ListwiseLogProbModel`, or a DeepSpeed engine
+        model: causal LM, :class:`~raypo.model.listwise.ListwiseLogProbModel`, or a DeepSpeed engine
             around one.
         batch: the collated micro-batch; ``batch.num_responses`` (the padded N) sets the chunk count.
         loss_fn: ``policy_logps [B, N] -> (numerator, denominator, metrics)``; close over reference
@@ -111,13 +111,13 @@ def listwise_backward(
         chunk_size: responses per chunk (None/0: no chunking, one direct forward+backward).
         num_chunks: force this many chunks (a value agreed across ranks); with ``chunk_size`` None it
             derives chunk_size = ceil(N / num_chunks). Chunks past N are empty and still run.
-        prefix_sharing: the layout of every forward (:mod:`raypo.packing`).
+        prefix_sharing: the layout of every forward (:mod:`raypo.model.layout`).
         loss_scale: backpropagate ``numerator * loss_scale``; None: ``numerator / denominator`` (local
             normalisation). For global normalisation pass world_size / (denominator summed over micro-batches
             and ranks): DeepSpeed averages gradients over data-parallel ranks.
         backward_fn: runs the backward of a scalar objective; ``engine.backward`` under DeepSpeed (it also
             divides by the gradient-accumulation steps and applies fp16 loss scaling).
-        per_group: one forward per prompt group (:func:`~raypo.listwise_model.grouped_logprobs`), so the
+        per_group: one forward per prompt group (:func:`~raypo.model.listwise.grouped_logprobs`), so the
             log-probs are bitwise those of each group scored alone (precomputed reference).
     """
     n = batch.num_responses

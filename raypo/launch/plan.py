@@ -25,7 +25,7 @@ Activations (one micro-batch of B prompts; a forward holds the prompt and n resp
                                silu(gate) and their product.
     without checkpointing      T x L x a
     with checkpointing         T x (L x e x h + a): each layer's input, plus one layer recomputed in backward
-Log-prob head (``raypo.logprobs``: only response positions, chunked, recomputed in backward)
+Log-prob head (``raypo.model.logprobs``: only response positions, chunked, recomputed in backward)
     chunk x V x 10 B + 4 B x V x h    fp32 logits + fp32 softmax/grad + bf16 grad per chunk row, and the
                                       fp32 gradient buffer of the gathered lm_head weight
     (a naive head would hold T_resp x V x (e + 4 + 4) B of logits, fp32 copy and gradient.)
@@ -48,10 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from raypo.config import ConfigError, RaypoConfig, _did_you_mean, load_config
+from raypo.config import RaypoConfig, load_config
+from raypo.errors import ConfigError, did_you_mean
 
 GIB = 2**30
-HEAD_CHUNK_ROWS = 1024  # raypo.logprobs.DEFAULT_HEAD_CHUNK_SIZE (kept here so planning needs no torch)
+HEAD_CHUNK_ROWS = 1024  # raypo.model.logprobs.DEFAULT_HEAD_CHUNK_SIZE (kept here so planning needs no torch)
 RUNTIME_OVERHEAD_GIB = 2.0  # CUDA context, NCCL buffers, cuBLAS workspaces
 USABLE_FRACTION = 0.90  # leave 10 % of GPU memory for allocator fragmentation
 HOST_USABLE_FRACTION = 0.90
@@ -159,7 +160,7 @@ def known_model(name: str) -> Architecture:
     key = _normalise_model_name(name)
     if key in KNOWN_MODELS:
         return KNOWN_MODELS[key]
-    raise ConfigError([f"plan.model={name!r} is not a known model: {_did_you_mean(key, list(KNOWN_MODELS))}; "
+    raise ConfigError([f"plan.model={name!r} is not a known model: {did_you_mean(key, list(KNOWN_MODELS))}; "
                        "or give the numbers (plan.hidden_size, plan.num_layers, plan.num_heads, "
                        "plan.num_kv_heads, plan.intermediate_size, plan.vocab_size)"])
 
@@ -197,7 +198,7 @@ def resolve_architecture(cfg: RaypoConfig) -> tuple[Architecture, str]:
     if pl.model:
         base, source = known_model(pl.model), "plan.model"
     elif path.startswith("tiny://"):
-        from raypo.tiny import parse_tiny_spec  # imports torch: only for tiny models
+        from raypo.model.tiny import parse_tiny_spec  # imports torch: only for tiny models
 
         t = parse_tiny_spec(path)
         base = _arch(f"tiny ({path})", t.hidden, t.layers, t.heads, t.kv_heads, t.intermediate, t.vocab,
@@ -239,7 +240,7 @@ def resolve_hardware(cfg: RaypoConfig) -> Hardware:
         node = KNOWN_NODE_TYPES.get(pl.node_type)
         if node is None:
             raise ConfigError([f"plan.node_type={pl.node_type!r} is not a known instance type: "
-                               f"{_did_you_mean(pl.node_type, list(KNOWN_NODE_TYPES))}; or give "
+                               f"{did_you_mean(pl.node_type, list(KNOWN_NODE_TYPES))}; or give "
                                "plan.gpus_per_node, plan.gpu_memory_gib and plan.cpu_memory_gib"])
     name = f"{node.name} ({node.gpus_per_node} x {node.gpu})" if node else "custom"
     return Hardware(
@@ -620,7 +621,7 @@ def format_alternatives(plan: Plan) -> list[str]:
 
 def load_plan_target(path: str, overrides: list[str]) -> RaypoConfig:
     """The raypo config of ``path``: a raypo config, or a job spec (jobs/*.yaml), whose config is used."""
-    from raypo.submit import is_job_spec, job_config, load_job
+    from raypo.launch.submit import is_job_spec, job_config, load_job
 
     if is_job_spec(path):
         job = load_job(path, extra_overrides=overrides)

@@ -1,10 +1,14 @@
-"""Packing whole prompt groups into token-budget micro-batches, balanced across data-parallel ranks.
+"""Token-budget bins: whole prompt groups packed into forwards of at most ``train.token_budget`` padded
+tokens, balanced across data-parallel ranks. (Words: a *micro-batch* is what a rank reads,
+``train.micro_batch_size`` groups, ``train.grad_accum_steps`` of them per step; a *bin* is one
+forward/backward under a token budget; a
+*response chunk* is a slice of a group's responses, ``train.response_chunk_size``.)
 
 A listwise group (one prompt, N responses) is never split: its loss couples all N responses. The tokens a
 group costs in one forward are
 
-    shared layout:    t_g = P_g + sum_i R_gi            (prompt once, :func:`raypo.packing.pack_shared`)
-    unshared layout:  t_g = N_g * P_g + sum_i R_gi      (:func:`raypo.packing.pack_unshared`)
+    shared layout:    t_g = P_g + sum_i R_gi        (prompt once; :func:`raypo.model.layout.shared_layout`)
+    unshared layout:  t_g = N_g * P_g + sum_i R_gi  (:func:`raypo.model.layout.unshared_layout`)
 
 Both layouts pad their rows to the longest row of the micro-batch, so a micro-batch of groups G really runs
 (and holds activations for) a dense ``[rows, L]`` tensor of
@@ -17,11 +21,11 @@ follow); without them it counts t_g alone (a layout that concatenates groups wit
 
 1. **Bins** (first-fit decreasing): groups sorted by t_g (by width_g, then t_g, with shapes), each put
    into the first micro-batch whose load stays <= ``token_budget``; a group longer than the budget gets a
-   micro-batch of its own (it has to be trained somewhere; :attr:`MicroBatchPlan.oversized` lists them).
+   micro-batch of its own (it has to be trained somewhere; :attr:`BinPlan.oversized` lists them).
    FFD uses at most 11/9 OPT + 6/9 bins (for the unpadded load).
 2. **Equal counts**: ZeRO-3 runs collectives inside every forward and backward, so every rank must run the
    same number M = ceil(#bins / W) of micro-batches; the plan is padded with empty micro-batches (``[]``),
-   which the feed turns into zero-weight forwards (as :func:`raypo.train.loop.evaluate` does).
+   which the feed turns into zero-weight forwards (as evaluation does too).
 3. **Balance** (sorted greedy / LPT per micro-step): bins sorted by load, taken W at a time so the W
    micro-batches that run *at the same time* (micro-step j on every rank) have similar loads, and within
    each round the largest bin goes to the rank with the smallest running total. The ranks synchronise
@@ -29,11 +33,12 @@ follow); without them it counts t_g alone (a layout that concatenates groups wit
    plan reports that against the perfectly balanced sum_j mean_r load[r][j] (:attr:`sync_efficiency`)
    and the per-rank totals' max / mean (:attr:`imbalance`).
 
-Where it plugs in (``train.token_budget > 0``, :func:`raypo.train.loop.train_step`): every rank reads its
+Where it plugs in (``train.token_budget > 0``; :func:`pack_step`, called by
+:meth:`raypo.train.recipe.ListwiseRecipe.train_step`): every rank reads its
 ``train.micro_batch_size * train.grad_accum_steps`` groups of the step from its equal-row ``streaming_split``
 exactly as without packing (so step counts, epochs, data order and the resume position are unchanged) and
 draws their lambdas in that order (so the lambda schedule's state is too). The ranks then all-gather the
-step's groups (with their lambdas), every rank runs :func:`plan_micro_batches` on the same list with the
+step's groups (with their lambdas), every rank runs :func:`plan_bins` on the same list with the
 groups' :func:`group_shape` and gets the same plan, and rank r trains the groups of ``plan.ranks[r]``:
 M micro-batches on every rank, an empty one as a zero-weight forward and backward of the step's cheapest
 group. The loss stays normalised over the whole global step (sum of numerators / sum of denominators), so
@@ -49,7 +54,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
+
+import torch
+
+from raypo.model.batch import ListwiseBatch
+from raypo.train.collectives import all_gather_objects
 
 
 def group_tokens(prompt_length: int, response_lengths: Sequence[int], *, prefix_sharing: bool = True) -> int:
@@ -88,7 +98,7 @@ def padded_tokens(shapes: Sequence[tuple[int, int]]) -> int:
 
 
 @dataclass
-class MicroBatchPlan:
+class BinPlan:
     """Whole groups per rank and micro-step; see the module docstring.
 
     ranks: [W][M] lists of group indices (``[]`` = an empty, zero-weight micro-batch).
@@ -206,8 +216,8 @@ def assign_balanced(bins: list[list[int]], bin_loads: list[int], world_size: int
     return ranks, loads
 
 
-def plan_micro_batches(lengths: Sequence[int], token_budget: int, world_size: int, *,
-                       shapes: Sequence[tuple[int, int]] | None = None) -> MicroBatchPlan:
+def plan_bins(lengths: Sequence[int], token_budget: int, world_size: int, *,
+                       shapes: Sequence[tuple[int, int]] | None = None) -> BinPlan:
     """Micro-batches of whole groups under ``token_budget`` tokens, balanced across ``world_size`` ranks.
 
     Args:
@@ -218,7 +228,7 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int, world_size: in
             budget bounds, and the balance evens out, each micro-batch's padded size (:func:`padded_tokens`).
 
     Returns:
-        A :class:`MicroBatchPlan`; every group appears exactly once, every rank has the same number of
+        A :class:`BinPlan`; every group appears exactly once, every rank has the same number of
         micro-batches (padding ones are empty).
     """
     bins = first_fit_decreasing(lengths, token_budget, shapes)
@@ -229,11 +239,11 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int, world_size: in
         bin_loads = [padded_tokens([shapes[g] for g in b]) for b in bins]
         oversized = sorted(g for g, s in enumerate(shapes) if padded_tokens([s]) > token_budget)
     ranks, loads = assign_balanced(bins, bin_loads, world_size)
-    return MicroBatchPlan(ranks=ranks, loads=loads, token_budget=int(token_budget), oversized=oversized,
+    return BinPlan(ranks=ranks, loads=loads, token_budget=int(token_budget), oversized=oversized,
                           padded=shapes is not None)
 
 
-def fixed_count_plan(lengths: Sequence[int], groups_per_micro: int, world_size: int) -> MicroBatchPlan:
+def fixed_count_plan(lengths: Sequence[int], groups_per_micro: int, world_size: int) -> BinPlan:
     """The baseline the trainer uses today: rows dealt in order, ``groups_per_micro`` per micro-batch, an
     equal number of groups per rank (contiguous shards, as an equal-row split gives). For comparison."""
     n = len(lengths)
@@ -248,4 +258,109 @@ def fixed_count_plan(lengths: Sequence[int], groups_per_micro: int, world_size: 
         ranks.append(chunks)
         loads.append([sum(int(lengths[g]) for g in c) for c in chunks])
     budget = max((load for row in loads for load in row), default=1) or 1
-    return MicroBatchPlan(ranks=ranks, loads=loads, token_budget=budget, oversized=[])
+    return BinPlan(ranks=ranks, loads=loads, token_budget=budget, oversized=[])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step's forwards: bins routed to this rank
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepForward:
+    """One forward/backward of a step: whole groups, their lambdas [B, m] (or None) and whether they count.
+
+    ``real=False`` marks a padding forward: it runs forward and backward with zero weight, only so that
+    every rank makes the same ZeRO-3 collectives; it adds nothing to the loss, gradient or metrics.
+    """
+
+    batch: ListwiseBatch
+    lam: Optional[torch.Tensor]
+    real: bool = True
+
+
+def concat_groups(parts: Sequence[ListwiseBatch]) -> ListwiseBatch:
+    """The groups of several batches as one batch, as :func:`raypo.model.batch.collate_listwise` would
+    collate their rows: list width N = the widest group, per-response extras NaN-padded (kept when every part
+    has them), response masks kept when every part has them."""
+    n = max(len(rs) for p in parts for rs in p.response_ids)
+    extras = {}
+    for key in parts[0].extras:
+        if not all(key in p.extras for p in parts):
+            continue
+        cols = []
+        for p in parts:
+            value = p.extras[key][:, :n]
+            if value.shape[1] < n:
+                pad = torch.full((value.shape[0], n - value.shape[1], *value.shape[2:]), math.nan,
+                                 dtype=value.dtype)
+                value = torch.cat([value, pad], dim=1)
+            cols.append(value)
+        extras[key] = torch.cat(cols)
+    masks = None
+    if all(p.response_masks is not None for p in parts):
+        masks = [m for p in parts for m in p.response_masks]
+    return ListwiseBatch([g for p in parts for g in p.prompt_ids], [g for p in parts for g in p.response_ids],
+                         num_responses=n, extras=extras, response_masks=masks)
+
+
+def _group_cost(group: ListwiseBatch, prefix_sharing: bool) -> tuple[int, tuple[int, int]]:
+    """(tokens, (rows, width)) of a one-group batch in the layout of the forward."""
+    prompt, responses = len(group.prompt_ids[0]), [len(r) for r in group.response_ids[0]]
+    return (group_tokens(prompt, responses, prefix_sharing=prefix_sharing),
+            group_shape(prompt, responses, prefix_sharing=prefix_sharing))
+
+
+def batch_padded_tokens(batch: ListwiseBatch, prefix_sharing: bool, per_group: bool = False) -> int:
+    """Tokens of the dense [rows, L] input(s) one forward of ``batch`` runs (padding included)."""
+    shapes = [_group_cost(batch.select_groups(b, b + 1), prefix_sharing)[1] for b in range(batch.num_groups)]
+    if per_group:
+        return sum(padded_tokens([s]) for s in shapes)
+    return padded_tokens(shapes)
+
+
+def route_packed(groups: Sequence[ListwiseBatch], lams: Sequence[Optional[torch.Tensor]],
+                 plan: BinPlan, rank: int, *, per_group: bool = False,
+                 dummy: int = 0) -> list[StepForward]:
+    """Rank ``rank``'s forwards of the step under ``plan`` (the same plan on every rank).
+
+    ``groups`` / ``lams``: the step's groups of all ranks (one-group batches, rank order) and their
+    lambdas [1, m]. An empty bin of the plan becomes a zero-weight copy of group ``dummy`` (the step's
+    cheapest). ``per_group`` (one forward per group, precomputed reference): the rank's groups run one per
+    forward and every rank pads to the largest group count, so forward counts still match.
+    """
+    if per_group:
+        mine = [[g] for micro in plan.ranks[rank] for g in micro]
+        count = max(sum(len(micro) for micro in row) for row in plan.ranks)
+        mine += [[] for _ in range(count - len(mine))]
+    else:
+        mine = plan.ranks[rank]
+    out = []
+    for members in mine:
+        if not members:
+            out.append(StepForward(groups[dummy], lams[dummy], real=False))
+            continue
+        lam = None if lams[members[0]] is None else torch.cat([lams[g] for g in members])
+        out.append(StepForward(concat_groups([groups[g] for g in members]), lam))
+    return out
+
+
+def pack_step(micro: Sequence[ListwiseBatch], lams: Sequence[Optional[torch.Tensor]], token_budget: int, *,
+              rank: int, world_size: int, prefix_sharing: bool, per_group: bool,
+              device: torch.device) -> tuple[list[StepForward], BinPlan]:
+    """This rank's token-budget forwards for the step whose groups every rank read as ``micro``.
+
+    All ranks exchange their groups and lambdas (one ``all_gather_object``; the lambdas were drawn before,
+    in read order, so the schedule's state is that of an unpacked run), plan the same global list with
+    :func:`plan_bins` on the groups' padded shapes, and keep their share.
+    """
+    local = [(b.select_groups(g, g + 1), None if lam is None else lam[g:g + 1].detach().cpu())
+             for b, lam in zip(micro, lams) for g in range(b.num_groups)]
+    everything = [item for part in all_gather_objects(local) for item in part]
+    groups = [g for g, _ in everything]
+    group_lams = [None if lam is None else lam.to(device) for _, lam in everything]
+    costs = [_group_cost(g, prefix_sharing) for g in groups]
+    lengths, shapes = [c[0] for c in costs], [c[1] for c in costs]
+    plan = plan_bins(lengths, token_budget, world_size, shapes=shapes)
+    dummy = min(range(len(groups)), key=lambda g: (padded_tokens([shapes[g]]), lengths[g], g))
+    return route_packed(groups, group_lams, plan, rank, per_group=per_group, dummy=dummy), plan

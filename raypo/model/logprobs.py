@@ -24,7 +24,7 @@ ZeRO-3: ``lm_head.weight`` is a 0-element shard outside its module's forward. :f
 therefore runs the chunked head *as the forward of the lm_head module* (it swaps ``forward`` for the call),
 so DeepSpeed's module hooks gather the weight before the forward, release it after, gather it again before
 the backward (pre-backward hook on the module's outputs) and reduce-scatter its gradient as for any
-``nn.Linear``. It must itself be called inside the engine's forward (``raypo.listwise_model`` does that),
+``nn.Linear``. It must itself be called inside the engine's forward (``raypo.model.listwise`` does that),
 so the engine's per-forward bookkeeping (micro-step counter, trace, output hooks) covers the head too.
 """
 

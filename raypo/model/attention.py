@@ -1,6 +1,6 @@
 """Prefix-shared attention without the dense [L, L] mask: per-response KV expansion on SDPA.
 
-The shared layout (:func:`raypo.packing.pack_shared`) puts ``[prompt | r_1 | ... | r_N]`` in one row of
+The shared layout (:func:`raypo.model.layout.shared_layout`) puts ``[prompt | r_1 | ... | r_N]`` in one row of
 L = P + sum_i R_i tokens. With a dense block mask (``sdpa``/``eager``) attention costs L^2 per row, although
 a response attends only the prompt and itself: the masked-out response-to-response blocks are computed and
 thrown away, so at N = 16 the shared row's attention costs as much as the N unshared rows' (16 * 320^2 =
@@ -13,11 +13,11 @@ each as a batched ``scaled_dot_product_attention`` over gathered tokens (the pro
 gathered once per response, "KV expansion"; padded at the end to the longest block with a boolean mask, so
 a group's values do not depend, bit for bit, on the groups batched with it),
 and writes the outputs back to their row positions; padding positions get 0. The allowed (query, key) pairs
-are exactly those of :func:`raypo.packing.prefix_sharing_mask`, so the values equal the dense path up to
+are exactly those of :func:`raypo.model.layout.prefix_sharing_mask`, so the values equal the dense path up to
 float rounding (tests/model/test_prefix_sharing.py runs its float64 and bitwise checks on both).
 
 How it is wired: the attention function is registered with transformers as :data:`NAME` (attention and
-mask interfaces). :class:`raypo.listwise_model.ListwiseLogProbModel` passes, instead of a dense mask, a
+mask interfaces). :class:`raypo.model.listwise.ListwiseLogProbModel` passes, instead of a dense mask, a
 *structure mask* ``[R, 1, 2, L]`` int64 (group ids and segment ids stacked, :func:`structure_mask`):
 transformers hands any 4-D mask to the attention function unchanged. The gather plan is built once per
 forward and cached on that tensor. Any other mask (the unshared layout's padding mask, generation) goes to

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Optional
 
 from raypo import __version__
-from raypo.config import ConfigError, RunError
+from raypo.errors import ConfigError, RunError
 
 EXIT_RUN = 1  # the data or the run stops the command before training (RunError)
 EXIT_CONFIG = 2
@@ -71,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train with any raypo loss on a Ray cluster (a local one by default).")
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it and exit")
-    p.set_defaults(func=_handler("raypo.train.launch", "train_command"))
+    p.set_defaults(func=_handler("raypo.cli.train", "train_command"))
 
     p = sub.add_parser("tune", help="run a Ray Tune sweep in which every trial is a training run",
                        description="Search beta, alpha, loss and lambda schedules with Ray Tune.")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it and exit")
-    p.set_defaults(func=_handler("raypo.tune", "tune_command"))
+    p.set_defaults(func=_handler("raypo.tune.sweep", "tune_command"))
 
     p = sub.add_parser("submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster",
                        description="Validate a job spec and its raypo config locally, then submit it with "
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the equivalent plain `ray job submit ...` command and exit")
     p.add_argument("--skip-plan", action="store_true",
                    help="submit even when `raypo plan` says the job does not fit the cluster in config.plan")
-    p.set_defaults(func=_handler("raypo.submit", "submit_command"))
+    p.set_defaults(func=_handler("raypo.launch.submit", "submit_command"))
 
     p = sub.add_parser("data", help="convert, validate and synthesise listwise datasets",
                        description="Data tools: convert | validate | synth.")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairwise: keep every pair as its own row; do not merge a prompt's consistent pairs")
     d.add_argument("--keep-system-prompt", action="store_true",
                    help="ultrafeedback: keep the completions' custom_system_prompt in the row metadata")
-    d.set_defaults(func=_handler("raypo.data.cli", "convert_command"))
+    d.set_defaults(func=_handler("raypo.cli.data", "convert_command"))
     d = data_sub.add_parser("validate", help="validate a listwise dataset and print counts by reason",
                             description="Validate PATH and print accepted / rejected counts by reason.")
     d.add_argument("path")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-response-length", type=int, default=512)
     d.add_argument("--overlong", choices=["truncate", "drop"], default="truncate")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
-    d.set_defaults(func=_handler("raypo.data.cli", "validate_command"))
+    d.set_defaults(func=_handler("raypo.cli.data", "validate_command"))
     d = data_sub.add_parser("synth", help="write a seeded synthetic multi-dimension listwise dataset",
                             description="Write a synthetic listwise dataset whose preferences a small model "
                                         "can learn.")
@@ -136,20 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-responses", type=int, default=4)
     d.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     d.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION)")
-    d.set_defaults(func=_handler("raypo.data.cli", "synth_command"))
+    d.set_defaults(func=_handler("raypo.cli.data", "synth_command"))
 
     p = sub.add_parser("export", help="export a training checkpoint to Hugging Face safetensors",
                        description="Write CHECKPOINT as a Hugging Face model directory (safetensors + "
                                    "tokenizer) at OUT.")
     p.add_argument("checkpoint", help="checkpoint directory or s3:// URI written by raypo train")
     p.add_argument("out", help="output directory")
-    p.set_defaults(func=_handler("raypo.train.export", "export_command"))
+    p.set_defaults(func=_handler("raypo.cli.export", "export_command"))
 
     p = sub.add_parser("plan", help="estimate per-GPU memory for a config and check it fits the cluster",
                        description="Estimate per-GPU memory (ZeRO-3 model states, reference, activations, "
                                    "log-prob head) and say whether the job fits.")
     _add_config_args(p)
-    p.set_defaults(func=_handler("raypo.plan", "plan_command"))
+    p.set_defaults(func=_handler("raypo.launch.plan", "plan_command"))
     return parser
 
 

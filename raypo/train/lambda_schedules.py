@@ -1,6 +1,8 @@
 """Lambda schedules for multi-dimension losses (lambda_dpo): where each prompt's weight vector comes from.
 
-A schedule draws lambda in the simplex Delta^m (spec 3.4; DESIGN.md "Lambda schedules"):
+A schedule draws lambda in the simplex Delta^m (docs/loss_reference.md, "Lambda schedules"). PAPER: the
+lambda-DPO paper (Sun et al., arXiv 2506.19780); CODE: commits of its official repository
+(yuhui15/Multi-Preference-Lambda-weighted-DPO); "raypo's choice": neither specifies it.
 
 ================== ===========================================================================================
 schedule           lambda
@@ -11,17 +13,17 @@ dirichlet          Dirichlet(alpha)
 normalized_uniform u ~ U[0, 1)^m, lambda = u / sum u (CODE 8c2749c..e7b383e; *not* uniform on the simplex)
 gaussian           z ~ N(mean, std^2 I) (default mean 1/m, std 1/m), mapped to the simplex by ``clip``
                    (max(z, 0) renormalised, redrawn if all <= 0), ``abs`` (|z| renormalised) or ``softmax``;
-                   PAPER only, no code: the rule for negatives is NON-NORMATIVE
+                   PAPER only, no code: the rule for negatives is raypo's choice
 onehot             e_k, with k = ``onehot_index`` or uniformly random ("unimodal", PAPER; CODE Dec 2025)
 cycle              e_1, e_2, ..., e_m, e_1, ... in order (deterministic)
 table              weighted rows, sampled exactly like the official ``TableLambdaScheduler`` (python
                    ``random.Random(seed)``; first row with r <= cumsum(p / sum p)); default: the HEAD table
-learned            the paper's polynomial scheduler (NON-NORMATIVE reconstruction, spec 3.4): fit degree-p
+learned            the paper's polynomial scheduler (Appendix D): fit degree-p
                    monomials of lambda to (lambda, score) points by minimum-norm least squares, draw K
                    candidates from Dirichlet(1), sample a candidate with probability softmax(a_hat / tau)
 ================== ===========================================================================================
 
-Every schedule is built from a :class:`LambdaScheduleConfig`, is seeded, returns ``sample(batch_size) ->
+Every schedule is built from a :class:`LambdaConfig`, is seeded, returns ``sample(batch_size) ->
 Tensor[B, m]`` (``per="prompt"``: one draw per prompt, the raypo default; ``per="batch"``: one draw shared by
 the batch, the official behaviour), and has ``state_dict()`` / ``load_state_dict()`` (plain python values) so
 that a resumed run continues the same sequence.
@@ -37,7 +39,6 @@ import itertools
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -45,11 +46,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raypo.config import LambdaConfig, LearnedLambdaConfig
+
 __all__ = [
     "SCHEDULES",
     "OFFICIAL_TABLE_HEAD",
     "OFFICIAL_TABLE_PAPER",
-    "LambdaScheduleConfig",
     "LambdaSchedule",
     "FixedSchedule",
     "DirichletSchedule",
@@ -72,7 +74,7 @@ __all__ = [
 SCHEDULES = ("fixed", "uniform", "dirichlet", "normalized_uniform", "gaussian", "onehot", "cycle", "table",
              "learned")
 
-#: HEAD ``TableLambdaScheduler.TABLE`` (yuhui15/Multi-Preference-Lambda-weighted-DPO 2fb13f7; spec test vector
+#: HEAD ``TableLambdaScheduler.TABLE`` (yuhui15/Multi-Preference-Lambda-weighted-DPO 2fb13f7; test vector
 #: ``lambda_table_scheduler_HEAD_2fb13f7_seed42``): rows (lambda, p). Rows sum to 0.999-1.001 (3 decimals).
 OFFICIAL_TABLE_HEAD: tuple[tuple[tuple[float, ...], float], ...] = (
     ((0.469, 0.092, 0.198, 0.242), 0.102),
@@ -87,7 +89,7 @@ OFFICIAL_TABLE_HEAD: tuple[tuple[tuple[float, ...], float], ...] = (
     ((0.213, 0.513, 0.082, 0.193), 0.098),
 )
 
-#: The first table of the repository history (spec 3.4: commit 8c84345), whose comment says the
+#: The first table of the repository history (commit 8c84345), whose comment says the
 #: probabilities are "the softmax values shown in the paper table".
 OFFICIAL_TABLE_PAPER: tuple[tuple[tuple[float, ...], float], ...] = (
     ((0.212, 0.334, 0.245, 0.209), 0.095),
@@ -103,91 +105,6 @@ OFFICIAL_TABLE_PAPER: tuple[tuple[tuple[float, ...], float], ...] = (
 )
 
 
-@dataclass
-class LambdaScheduleConfig:
-    """Typed config of a lambda schedule; only the fields of the chosen ``schedule`` are read.
-
-    Attributes:
-        schedule: one of :data:`SCHEDULES`.
-        num_dims: m, the number of preference dimensions (4 for UltraFeedback).
-        per: ``"prompt"`` (one lambda per prompt) or ``"batch"`` (one lambda per ``sample`` call).
-        seed: RNG seed.
-        weights: ``fixed``: the lambda (default uniform 1/m).
-        alpha: ``dirichlet``: concentration, a float or m floats (default 1 = ``uniform``).
-        gaussian_negatives / gaussian_mean / gaussian_std: ``gaussian`` (defaults clip, 1/m, 1/m).
-        onehot_index: ``onehot``: a fixed dimension k (0-based); None = uniformly random k per draw.
-        table / table_probs: ``table`` rows and weights (default: :data:`OFFICIAL_TABLE_HEAD`; weights
-            default to equal).
-        degree / num_candidates / temperature: ``learned``: p, K and tau. None is recoverable from the
-            paper's code (spec 3.4); defaults 2, 10 and 0.1. The shipped 10-row table (p ~ 0.1 each) implies
-            tau large relative to the spread of a_hat: with pairwise-accuracy scores (a_hat spread of a few
-            hundredths over 10 candidates) tau = 0.1 gives probabilities of about 0.08-0.12, whereas
-            tau = 0.01 would put most of the mass on one or two candidates. Scale tau with the score column.
-        points: ``learned``: ``[(lambda, score), ...]`` probe results; or read them from ``results_path``
-            (CSV) with ``lambda_columns`` (default ``lambda_0..lambda_{m-1}``) and ``score_column``.
-    """
-
-    schedule: str = "uniform"
-    num_dims: int = 4
-    per: str = "prompt"
-    seed: int = 0
-    weights: Optional[list[float]] = None
-    alpha: Optional[Union[float, list[float]]] = None
-    gaussian_negatives: str = "clip"
-    gaussian_mean: Optional[list[float]] = None
-    gaussian_std: Optional[float] = None
-    onehot_index: Optional[int] = None
-    table: Optional[list[list[float]]] = None
-    table_probs: Optional[list[float]] = None
-    degree: int = 2
-    num_candidates: int = 10
-    temperature: float = 0.1
-    points: Optional[list[tuple[list[float], float]]] = None
-    results_path: Optional[str] = None
-    lambda_columns: Optional[list[str]] = None
-    score_column: str = "eval/pairwise_accuracy"
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"lambda schedule={self.schedule!r} is not one of {SCHEDULES}")
-        if self.per not in ("prompt", "batch"):
-            raise ValueError(f"lambda per={self.per!r} must be 'prompt' or 'batch'")
-        if not (isinstance(self.num_dims, int) and self.num_dims >= 1):
-            raise ValueError(f"lambda num_dims={self.num_dims!r} must be an int >= 1")
-        if self.gaussian_negatives not in ("clip", "abs", "softmax"):
-            raise ValueError(
-                f"lambda gaussian_negatives={self.gaussian_negatives!r} must be clip, abs or softmax")
-
-    @classmethod
-    def from_any(cls, cfg: Any, num_dims: Optional[int] = None) -> LambdaScheduleConfig:
-        """Builds from this class, a mapping, or an object shaped like ``raypo.config.LambdaConfig``
-        (``schedule, weights, alpha, gaussian_negatives, table, table_probs, per, seed`` and a nested
-        ``learned`` with ``results_path, score_column, degree, num_candidates, temperature``)."""
-        if isinstance(cfg, cls):
-            return cfg if num_dims is None else replace(cfg, num_dims=num_dims)
-        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, Mapping) else (
-            lambda k, d=None: getattr(cfg, k, d))
-        kwargs: dict[str, Any] = {}
-        for f in cls.__dataclass_fields__:
-            v = get(f)
-            if v is not None:
-                kwargs[f] = v
-        learned = get("learned")
-        if learned is not None:
-            lget = (lambda k: learned.get(k)) if isinstance(learned, Mapping) else (
-                lambda k: getattr(learned, k, None))
-            for k in ("results_path", "score_column", "degree", "num_candidates", "temperature", "points",
-                      "lambda_columns"):
-                if lget(k) is not None:
-                    kwargs[k] = lget(k)
-        if num_dims is not None:
-            kwargs["num_dims"] = num_dims
-        for k in ("weights", "alpha", "gaussian_mean", "table", "table_probs", "lambda_columns"):
-            if k in kwargs and isinstance(kwargs[k], (list, tuple)):
-                kwargs[k] = [list(x) if isinstance(x, (list, tuple)) else x for x in kwargs[k]]
-        return cls(**kwargs)
-
-
 # --------------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------------
@@ -198,9 +115,12 @@ class LambdaSchedule:
 
     name = "base"
 
-    def __init__(self, cfg: LambdaScheduleConfig) -> None:
+    def __init__(self, cfg: LambdaConfig, num_dims: Optional[int] = None) -> None:
+        num_dims = _num_dims_of(cfg) if num_dims is None else num_dims
+        if not (isinstance(num_dims, int) and num_dims >= 1):
+            raise ValueError(f"lambda num_dims={num_dims!r} must be an int >= 1")
         self.cfg = cfg
-        self.m = cfg.num_dims
+        self.m = num_dims
         self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
         self.num_samples = 0  # sample() calls so far
 
@@ -249,8 +169,8 @@ class FixedSchedule(LambdaSchedule):
 
     name = "fixed"
 
-    def __init__(self, cfg: LambdaScheduleConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: LambdaConfig, num_dims: Optional[int] = None) -> None:
+        super().__init__(cfg, num_dims)
         w = cfg.weights if cfg.weights is not None else [1.0 / self.m] * self.m
         self.weights = np.asarray(w, dtype=np.float64)
         if self.weights.shape != (self.m,) or (self.weights < 0).any():
@@ -263,8 +183,8 @@ class FixedSchedule(LambdaSchedule):
 class DirichletSchedule(LambdaSchedule):
     """``uniform`` = Dirichlet(1_m) (truly uniform on the simplex) and ``dirichlet`` = Dirichlet(alpha)."""
 
-    def __init__(self, cfg: LambdaScheduleConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: LambdaConfig, num_dims: Optional[int] = None) -> None:
+        super().__init__(cfg, num_dims)
         self.name = cfg.schedule
         a = 1.0 if cfg.schedule == "uniform" or cfg.alpha is None else cfg.alpha
         alpha = np.broadcast_to(np.asarray(a, dtype=np.float64), (self.m,)).copy()
@@ -279,7 +199,7 @@ class DirichletSchedule(LambdaSchedule):
 class NormalizedUniformSchedule(LambdaSchedule):
     """``normalized_uniform``: u ~ U[0, 1)^m, lambda = u / sum(u) (official code 8c2749c..e7b383e).
 
-    Not uniform on the simplex: for m = 4, Var(lambda_1) = 0.0196 vs 0.0375 for Dirichlet(1) (spec 3.4).
+    Not uniform on the simplex: for m = 4, Var(lambda_1) = 0.0196 vs 0.0375 for Dirichlet(1).
     """
 
     name = "normalized_uniform"
@@ -292,7 +212,8 @@ class NormalizedUniformSchedule(LambdaSchedule):
 
 
 class GaussianSchedule(LambdaSchedule):
-    """``gaussian``: z ~ N(mean, std^2 I) mapped to the simplex (PAPER; rule for negatives NON-NORMATIVE).
+    """``gaussian``: z ~ N(mean, std^2 I) mapped to the simplex (PAPER; the rule for negatives is raypo's
+    choice).
 
     ``clip``: max(z, 0) / sum, redrawing a row whose entries are all <= 0; ``abs``: |z| / sum (redraw if 0);
     ``softmax``: softmax(z). Defaults mean = 1/m, std = 1/m.
@@ -300,8 +221,8 @@ class GaussianSchedule(LambdaSchedule):
 
     name = "gaussian"
 
-    def __init__(self, cfg: LambdaScheduleConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: LambdaConfig, num_dims: Optional[int] = None) -> None:
+        super().__init__(cfg, num_dims)
         mean = cfg.gaussian_mean if cfg.gaussian_mean is not None else [1.0 / self.m] * self.m
         self.mean = np.asarray(mean, dtype=np.float64)
         self.std = float(cfg.gaussian_std if cfg.gaussian_std is not None else 1.0 / self.m)
@@ -328,8 +249,8 @@ class OneHotSchedule(LambdaSchedule):
 
     name = "onehot"
 
-    def __init__(self, cfg: LambdaScheduleConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: LambdaConfig, num_dims: Optional[int] = None) -> None:
+        super().__init__(cfg, num_dims)
         if cfg.onehot_index is not None and not 0 <= cfg.onehot_index < self.m:
             raise ValueError(f"onehot_index={cfg.onehot_index} must be in [0, {self.m})")
         self.index = cfg.onehot_index
@@ -344,8 +265,8 @@ class CycleSchedule(LambdaSchedule):
 
     name = "cycle"
 
-    def __init__(self, cfg: LambdaScheduleConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: LambdaConfig, num_dims: Optional[int] = None) -> None:
+        super().__init__(cfg, num_dims)
         self.position = 0
 
     def _draw(self, n: int) -> np.ndarray:
@@ -367,7 +288,7 @@ class CycleSchedule(LambdaSchedule):
 
 
 def table_sample_index(rand: random.Random, probs: Sequence[float]) -> int:
-    """One draw of the official ``TableLambdaScheduler.sample`` (spec 3.4), as a row index.
+    """One draw of the official ``TableLambdaScheduler.sample``, as a row index.
 
     ``r = rand.random()``; probabilities are normalised by their python ``sum``; the chosen row is the first
     with ``r <= cum`` where ``cum`` accumulates left to right in python floats; the last row if none.
@@ -389,8 +310,8 @@ class TableSchedule(LambdaSchedule):
 
     name = "table"
 
-    def __init__(self, cfg: LambdaScheduleConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: LambdaConfig, num_dims: Optional[int] = None) -> None:
+        super().__init__(cfg, num_dims)
         if cfg.table is None:
             rows = [list(r) for r, _ in OFFICIAL_TABLE_HEAD]
             probs = [p for _, p in OFFICIAL_TABLE_HEAD] if cfg.table_probs is None else list(cfg.table_probs)
@@ -428,7 +349,7 @@ class TableSchedule(LambdaSchedule):
 
 
 # --------------------------------------------------------------------------------------------------
-# Learned polynomial scheduler (spec 3.4, NON-NORMATIVE reconstruction of the paper's scheduler)
+# Learned polynomial scheduler (lambda-DPO paper, Appendix D)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -486,7 +407,8 @@ def poly_scheduler_table(weights: np.ndarray, degree: int, m: int, num_candidate
 
 
 class PolynomialLambdaScheduler(LambdaSchedule):
-    """``learned``: the seed paper's polynomial lambda scheduler (spec 3.4, NON-NORMATIVE; no commit has it).
+    """``learned``: the seed paper's polynomial lambda scheduler (Appendix D; no commit of the
+    official code has it).
 
     1. probe trainings with fixed lambda^(j) give points (lambda^(j), score^(j)), e.g. a Ray Tune sweep;
     2. features Phi(lambda) = all monomials of total degree <= p (:func:`monomial_exponents`);
@@ -495,7 +417,7 @@ class PolynomialLambdaScheduler(LambdaSchedule):
     5. a_hat = Phi(c) w, pi = softmax(a_hat / tau);
     6. each draw picks a candidate with probability pi.
 
-    Defaults p = 2, K = 10, tau = 0.1. None of them is recoverable from the paper's code (spec 3.4); the
+    Defaults p = 2, K = 10, tau = 0.1. None of them is in the paper's code; the
     shipped 10-row table (p ~ 0.1 each) implies tau large relative to the spread of a_hat, and tau = 0.1
     is that for scores on a [0, 1] accuracy scale (a_hat spreads by a few hundredths over K = 10 Dirichlet
     candidates, so pi stays near 1/K while still favouring the better candidates). Scores on another scale
@@ -504,12 +426,14 @@ class PolynomialLambdaScheduler(LambdaSchedule):
 
     name = "learned"
 
-    def __init__(self, cfg: LambdaScheduleConfig,
+    def __init__(self, cfg: LambdaConfig, num_dims: Optional[int] = None,
                  points: Optional[Sequence[tuple[Sequence[float], float]]] = None) -> None:
-        super().__init__(cfg)
-        pts = points if points is not None else cfg.points
-        if pts is None and cfg.results_path is not None:
-            pts = read_results_table(cfg.results_path, _lambda_columns(cfg), cfg.score_column)
+        super().__init__(cfg, num_dims)
+        learned = cfg.learned
+        pts = points if points is not None else learned.points
+        if pts is None and learned.results_path is not None:
+            pts = read_results_table(learned.results_path, _lambda_columns(learned, self.m),
+                                     learned.score_column)
         if not pts:
             raise ValueError(
                 "learned lambda schedule needs (lambda, score) points: set points or results_path")
@@ -518,14 +442,14 @@ class PolynomialLambdaScheduler(LambdaSchedule):
             raise ValueError(f"learned lambda points have {lam.shape[1]} dimensions, num_dims is {self.m}")
         self.points_lambda = lam
         self.points_score = np.asarray([float(p[1]) for p in pts], dtype=np.float64)
-        self.weights = fit_poly_scheduler(lam, self.points_score, cfg.degree)
+        self.weights = fit_poly_scheduler(lam, self.points_score, learned.degree)
         self.candidates, self.a_hat, self.probs = poly_scheduler_table(
-            self.weights, cfg.degree, self.m, cfg.num_candidates, cfg.temperature, self.rng)
+            self.weights, learned.degree, self.m, learned.num_candidates, learned.temperature, self.rng)
         self.last_indices: list[int] = []
 
     def predict(self, lam: Union[np.ndarray, Sequence[Sequence[float]]]) -> np.ndarray:
         """The fitted polynomial a_hat(lambda) at each row of ``lam``."""
-        return poly_features(lam, self.cfg.degree) @ self.weights
+        return poly_features(lam, self.cfg.learned.degree) @ self.weights
 
     def _draw(self, n: int) -> np.ndarray:
         idx = self.rng.choice(len(self.probs), size=n, p=self.probs)
@@ -546,8 +470,10 @@ class PolynomialLambdaScheduler(LambdaSchedule):
         self.weights = np.asarray(state["weights"], dtype=np.float64)
 
 
-def _lambda_columns(cfg: LambdaScheduleConfig) -> list[str]:
-    return list(cfg.lambda_columns) if cfg.lambda_columns else [f"lambda_{k}" for k in range(cfg.num_dims)]
+def _lambda_columns(learned: LearnedLambdaConfig, num_dims: int) -> list[str]:
+    if learned.lambda_columns:
+        return list(learned.lambda_columns)
+    return [f"lambda_{k}" for k in range(num_dims)]
 
 
 def read_results_table(
@@ -597,17 +523,20 @@ def from_results_table(
     path_or_rows: Union[str, Path, Iterable[Mapping[str, Any]]],
     lambda_columns: Sequence[str],
     score_column: str,
-    **config: Any,
+    *,
+    seed: int = 0,
+    per: str = "prompt",
+    **learned: Any,
 ) -> PolynomialLambdaScheduler:
     """A fitted :class:`PolynomialLambdaScheduler` from a results table (see :func:`read_results_table`).
 
-    ``config`` sets the other :class:`LambdaScheduleConfig` fields (seed, per, degree, num_candidates,
-    temperature); ``num_dims`` is ``len(lambda_columns)``.
+    ``learned`` sets the other :class:`~raypo.config.LearnedLambdaConfig` fields (degree, num_candidates,
+    temperature); m is ``len(lambda_columns)``.
     """
     points = read_results_table(path_or_rows, lambda_columns, score_column)
-    cfg = LambdaScheduleConfig(schedule="learned", num_dims=len(lambda_columns),
-                               lambda_columns=list(lambda_columns), score_column=score_column, **config)
-    return PolynomialLambdaScheduler(cfg, points=points)
+    cfg = LambdaConfig(schedule="learned", seed=seed, per=per, learned=LearnedLambdaConfig(
+        lambda_columns=list(lambda_columns), score_column=score_column, **learned))
+    return PolynomialLambdaScheduler(cfg, len(lambda_columns), points=points)
 
 
 _CLASSES: dict[str, type[LambdaSchedule]] = {
@@ -623,9 +552,34 @@ _CLASSES: dict[str, type[LambdaSchedule]] = {
 }
 
 
-def build_lambda_schedule(cfg: Any, num_dims: Optional[int] = None) -> LambdaSchedule:
-    """The schedule described by ``cfg`` (a :class:`LambdaScheduleConfig`, a mapping, or
-    ``raypo.config.LambdaConfig``); ``num_dims`` overrides m (e.g. from ``data.dimensions``)."""
-    c = LambdaScheduleConfig.from_any(cfg, num_dims=num_dims)
-    return _CLASSES[c.schedule](c)
+def _as_config(cfg: Union[LambdaConfig, Mapping[str, Any]]) -> LambdaConfig:
+    """A :class:`~raypo.config.LambdaConfig`, or the same keys as a mapping (``learned`` nested)."""
+    if isinstance(cfg, LambdaConfig):
+        return cfg
+    raw = dict(cfg)
+    learned = raw.pop("learned", None) or {}
+    return LambdaConfig(**raw, learned=learned if isinstance(learned, LearnedLambdaConfig)
+                        else LearnedLambdaConfig(**dict(learned)))
 
+
+def _num_dims_of(cfg: LambdaConfig) -> int:
+    """m from the first configured per-dimension vector; 4 (UltraFeedback's dimensions) otherwise."""
+    for vector in (cfg.weights, cfg.alpha if isinstance(cfg.alpha, (list, tuple)) else None,
+                   cfg.gaussian_mean, cfg.table[0] if cfg.table else None):
+        if vector is not None:
+            return len(vector)
+    return 4
+
+
+def build_lambda_schedule(cfg: Union[LambdaConfig, Mapping[str, Any]],
+                          num_dims: Optional[int] = None) -> LambdaSchedule:
+    """The schedule ``cfg`` describes, drawing lambdas of ``num_dims`` entries (e.g. ``len(data.dimensions)``;
+    None: the length of the configured weights / alpha / mean / table rows, else 4)."""
+    cfg = _as_config(cfg)
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"lambda schedule={cfg.schedule!r} is not one of {SCHEDULES}")
+    if cfg.per not in ("prompt", "batch"):
+        raise ValueError(f"lambda per={cfg.per!r} must be 'prompt' or 'batch'")
+    if cfg.gaussian_negatives not in ("clip", "abs", "softmax"):
+        raise ValueError(f"lambda gaussian_negatives={cfg.gaussian_negatives!r} must be clip, abs or softmax")
+    return _CLASSES[cfg.schedule](cfg, num_dims)

@@ -6,7 +6,7 @@ A model source is one of
 * ``s3://bucket/prefix`` — copied once per node into a local cache directory with s3fs (endpoint and region
   from arguments or the environment, credentials from the environment / botocore's usual chain; neither is
   ever logged),
-* ``tiny://llama?hidden=64&layers=2`` — a tiny random Llama built locally (:mod:`raypo.tiny`),
+* ``tiny://llama?hidden=64&layers=2`` — a tiny random Llama built locally (:mod:`raypo.model.tiny`),
 * a Hugging Face model id (needs a hub or a populated HF cache; nothing is downloaded on CPU CI).
 
 ZeRO-3: :func:`load_causal_lm` creates ``transformers.integrations.HfDeepSpeedConfig(ds_config)`` *before*
@@ -16,7 +16,7 @@ scatters it layer by layer). transformers keeps only a weakref to that object an
 the run as ZeRO-3 once it is garbage-collected, so the object is pinned on the returned model as
 ``model.raypo_hf_ds_config`` (and returned by :func:`zero3_init_handle` for callers that build models
 themselves). Create the policy and the reference with their own DeepSpeed configs, each while its handle
-is alive; then call ``deepspeed.initialize`` on :class:`raypo.listwise_model.ListwiseLogProbModel` wrappers.
+is alive; then call ``deepspeed.initialize`` on :class:`raypo.model.listwise.ListwiseLogProbModel` wrappers.
 transformers' global points at the most recently created handle only, so keep both models (and so both
 handles) alive for the whole run.
 
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raypo.tiny import is_tiny_spec, resolve_tiny_spec
+from raypo.model.tiny import is_tiny_spec, resolve_tiny_spec
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def parse_dtype(name: str | torch.dtype, *, device: str | torch.device | None = 
 def hf_attn_implementation(attention: str, *, prefix_sharing: bool) -> str:
     """raypo's ``model.attention`` -> transformers' ``attn_implementation``.
 
-    ``auto`` is ``prefix_sdpa`` with prefix sharing (:mod:`raypo.attention`: SDPA on the allowed blocks
+    ``auto`` is ``prefix_sdpa`` with prefix sharing (:mod:`raypo.model.attention`: SDPA on the allowed blocks
     only, attention cost P^2 + sum_i R_i (P + R_i) instead of the dense mask's L^2; exact, on CPU and GPU
     alike) and ``sdpa`` without it. ``sdpa``/``eager`` (dense block mask) and ``flex`` (block-sparse mask,
     GPU) are opt-in. Flash-attention kernels take no custom mask, so they need ``prefix_sharing=false``.
@@ -84,7 +84,7 @@ def hf_attn_implementation(attention: str, *, prefix_sharing: bool) -> str:
                          "prefix_sdpa, flex or flash_attention_2")
     impl = _ATTENTION[attention]
     if attention == "prefix_sdpa":
-        import raypo.attention  # noqa: F401 - registers the backend before from_pretrained validates the name
+        import raypo.model.attention  # noqa: F401 - registers the backend before from_pretrained validates the name
     if prefix_sharing and impl.startswith("flash_attention"):
         raise ValueError(f"model.attention={attention} cannot take the prefix-sharing block mask; set "
                          "model.prefix_sharing=false, or model.attention=sdpa or flex")

@@ -1,0 +1,194 @@
+"""Checks of a typed config's values, section by section: impossible values (beta <= 0, a lambda off the
+simplex, num_workers < 1, ...), each reported as a message naming the key, the value and the fix.
+
+Checks that need another component's knowledge stay with it and are called by the entry points that need
+them: the sweep's search-space syntax (:func:`raypo.tune.space.search_space_problems`, called by ``raypo
+tune`` and ``raypo submit``). The loss hyperparameters are checked against the loss registry
+(:mod:`raypo.losses`, a lower layer than this one).
+"""
+
+from __future__ import annotations
+
+import math
+
+from raypo.config.schema import LossConfig, RaypoConfig
+from raypo.errors import did_you_mean
+
+LAMBDA_SCHEDULES = ("fixed", "uniform", "dirichlet", "normalized_uniform", "gaussian", "onehot", "cycle",
+                    "table", "learned")
+DATA_FORMATS = ("listwise", "ultrafeedback", "ranked", "pairwise", "scored")
+SIMPLEX_TOL = 1e-3  # published lambda tables are rounded to 3 decimals (row sums 0.999-1.001)
+
+
+def _choice(problems: list[str], key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        problems.append(f"{key}={value!r} is not one of {', '.join(options)}: "
+                        f"{did_you_mean(value, list(options))}")
+
+
+def _on_simplex(problems: list[str], key: str, weights: list[float], what: str = "lambda") -> None:
+    if any(not math.isfinite(w) or w < 0 for w in weights) or abs(sum(weights) - 1.0) > SIMPLEX_TOL:
+        problems.append(f"{key}={list(weights)} is not on the simplex: a {what} needs non-negative entries "
+                        f"summing to 1 (sum is {sum(weights):.4g}); divide by the sum")
+
+
+def _positive(problems: list[str], key: str, value: float | int | None, fix: str = "") -> None:
+    if value is not None and not value > 0:
+        problems.append(f"{key}={value} must be > 0{'; ' + fix if fix else ''}")
+
+
+def _at_least(problems: list[str], key: str, value: int, low: int) -> None:
+    if value < low:
+        problems.append(f"{key}={value} must be >= {low}")
+
+
+def loss_names() -> tuple[str, ...]:
+    """The registered losses (:data:`raypo.losses.LOSS_REGISTRY`), the one list of loss names."""
+    from raypo.losses.registry import LOSS_REGISTRY  # torch: imported when a config is validated, not before
+
+    return tuple(LOSS_REGISTRY)
+
+
+def _loss_param_problems(lo: LossConfig) -> list[str]:
+    """Hyperparameters the chosen loss does not accept, checked against the loss registry."""
+    from raypo.losses.registry import get_loss_spec
+
+    accepted = sorted(k for k in get_loss_spec(lo.name).defaults if k != "beta")
+    return [f"unknown key 'loss.params.{key}' for loss {lo.name}: {did_you_mean(key, accepted)}"
+            for key in lo.params if key not in accepted]
+
+
+def validate(cfg: RaypoConfig) -> list[str]:
+    """Impossible values, each as a message naming the key, the value and the fix."""
+    p: list[str] = []
+    m, d, lo, la, o = cfg.model, cfg.data, cfg.loss, cfg.lambdas, cfg.optimizer
+    _choice(p, "model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
+    _choice(p, "model.attention", m.attention, ("auto", "eager", "sdpa", "prefix_sdpa", "flex",
+                                                "flash_attention_2"))
+    if m.lora.enabled:
+        _positive(p, "model.lora.r", m.lora.r)
+
+    _choice(p, "data.format", d.format, DATA_FORMATS)
+    _choice(p, "data.overlong", d.overlong, ("truncate", "drop"))
+    if not 0.0 <= d.eval_fraction < 1.0:
+        p.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1); e.g. 0.1 holds out 10% of prompts")
+    if not 0.0 <= d.max_reject_fraction <= 1.0:
+        p.append(f"data.max_reject_fraction={d.max_reject_fraction} must be in [0, 1]; e.g. 0.01 for 1%")
+    _positive(p, "data.max_prompt_length", d.max_prompt_length)
+    _positive(p, "data.max_response_length", d.max_response_length)
+    _at_least(p, "data.tokenize_concurrency", d.tokenize_concurrency, 1)
+
+    names = loss_names()
+    _choice(p, "loss.name", lo.name, names)
+    _positive(p, "loss.beta", lo.beta, "beta scales the implicit reward; typical values are 0.01-0.5")
+    _positive(p, "loss.dispersion_c", lo.dispersion_c)
+    if lo.name == "wmpo" and not float(lo.params.get("alpha", 0.0)) > 0:
+        p.append(f"loss.params.alpha={lo.params.get('alpha', 0.0)} must be > 0 for wmpo (alpha = 0 is plain "
+                 "mpo); set loss.params.alpha, e.g. 0.1, or use loss.name=mpo")
+    if "beta" in lo.params:
+        p.append("loss.params.beta: beta has its own key; move it to loss.beta")
+    elif lo.name in names:
+        p += _loss_param_problems(lo)
+
+    _choice(p, "lambdas.schedule", la.schedule, LAMBDA_SCHEDULES)
+    _choice(p, "lambdas.per", la.per, ("prompt", "batch"))
+    _choice(p, "lambdas.gaussian_negatives", la.gaussian_negatives, ("clip", "abs", "softmax"))
+    if la.schedule == "fixed":
+        if la.weights is None:
+            p.append("lambdas.weights is required when lambdas.schedule=fixed; e.g. [0.25, 0.25, 0.25, 0.25]")
+        else:
+            _on_simplex(p, "lambdas.weights", la.weights)
+    if la.schedule == "dirichlet":
+        if not la.alpha or any(not a > 0 for a in la.alpha):
+            p.append(f"lambdas.alpha={la.alpha} must be a list of positive concentrations when "
+                     "lambdas.schedule=dirichlet; e.g. [1, 1, 1, 1]")
+    if la.schedule == "table":
+        if not la.table:
+            p.append("lambdas.table is required when lambdas.schedule=table: a list of lambda rows")
+        else:
+            for i, row in enumerate(la.table):
+                _on_simplex(p, f"lambdas.table[{i}]", row)
+            if la.table_probs is not None and len(la.table_probs) != len(la.table):
+                p.append(f"lambdas.table_probs has {len(la.table_probs)} entries but lambdas.table has "
+                         f"{len(la.table)} rows; give one probability per row")
+    if la.schedule == "learned":
+        if not la.learned.results_path:
+            p.append("lambdas.learned.results_path is required when lambdas.schedule=learned: the CSV of "
+                     "(lambda, score) rows written by raypo tune")
+        _at_least(p, "lambdas.learned.degree", la.learned.degree, 1)
+        _at_least(p, "lambdas.learned.num_candidates", la.learned.num_candidates, 1)
+        _positive(p, "lambdas.learned.temperature", la.learned.temperature)
+    if la.weights is not None and d.dimensions and len(la.weights) != len(d.dimensions):
+        p.append(f"lambdas.weights has {len(la.weights)} entries but data.dimensions has "
+                 f"{len(d.dimensions)} ({', '.join(d.dimensions)}); give one weight per dimension")
+
+    _positive(p, "optimizer.lr", o.lr, "e.g. 5e-7 for 8B full fine-tuning")
+    if o.weight_decay < 0:
+        p.append(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optimizer.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    _choice(p, "optimizer.lr_scheduler", o.lr_scheduler, ("cosine", "linear", "constant"))
+    if o.warmup_steps < 0:
+        p.append(f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        p.append(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if o.grad_clip < 0:
+        p.append(f"optimizer.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        p.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        p.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
+
+    _at_least(p, "scaling.num_workers", cfg.scaling.num_workers, 1)
+    _choice(p, "scaling.placement_strategy", cfg.scaling.placement_strategy,
+            ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    for res, amount in cfg.scaling.resources_per_worker.items():
+        if not isinstance(amount, (int, float)) or amount < 0:
+            p.append(f"scaling.resources_per_worker.{res}={amount!r} must be a non-negative number")
+
+    t = cfg.train
+    _at_least(p, "train.micro_batch_size", t.micro_batch_size, 1)
+    _at_least(p, "train.grad_accum_steps", t.grad_accum_steps, 1)
+    _at_least(p, "train.max_steps", t.max_steps, 1)
+    _at_least(p, "train.epochs", t.epochs, 1)
+    _at_least(p, "train.response_chunk_size", t.response_chunk_size, 0)
+    if t.token_budget < 0:
+        p.append(f"train.token_budget={t.token_budget} must be >= 0: 0 keeps train.micro_batch_size groups "
+                 "per micro-batch; a positive value packs whole groups into micro-batches of at most that "
+                 "many tokens, e.g. train.token_budget=16384")
+    _at_least(p, "train.eval_every", t.eval_every, 0)
+    _choice(p, "train.reference", t.reference, ("online", "precomputed"))
+    if t.reference_cache and t.reference != "precomputed":
+        p.append(f"train.reference_cache={t.reference_cache!r} is only used with "
+                 "train.reference=precomputed; set train.reference=precomputed or drop train.reference_cache")
+
+    c = cfg.checkpoint
+    _at_least(p, "checkpoint.every_steps", c.every_steps, 0)
+    _at_least(p, "checkpoint.keep_last", c.keep_last, 1)
+    _at_least(p, "checkpoint.max_failures", c.max_failures, -1)
+
+    _at_least(p, "logging.log_every", cfg.logging.log_every, 1)
+    _choice(p, "logging.level", cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    tu = cfg.tune
+    _at_least(p, "tune.num_samples", tu.num_samples, 1)
+    _choice(p, "tune.mode", tu.mode, ("max", "min"))
+    _choice(p, "tune.scheduler", tu.scheduler, ("asha", "fifo"))
+    _choice(p, "tune.search_alg", tu.search_alg, ("random", "grid", "optuna", "hyperopt"))
+    _at_least(p, "tune.max_concurrent_trials", tu.max_concurrent_trials, 0)
+    _at_least(p, "tune.grace_period", tu.grace_period, 1)
+    _at_least(p, "tune.reduction_factor", tu.reduction_factor, 2)
+    if not tu.metric.startswith(("eval/", "train/")):
+        p.append(f"tune.metric={tu.metric!r} is not a reported metric: use an eval/ or train/ metric, e.g. "
+                 "eval/pairwise_accuracy (mode max) or eval/loss (mode min)")
+
+    pl = cfg.plan
+    _at_least(p, "plan.responses_per_prompt", pl.responses_per_prompt, 2)
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+                "gpus_per_node"):
+        if getattr(pl, key) is not None:
+            _at_least(p, f"plan.{key}", getattr(pl, key), 1)
+    _positive(p, "plan.gpu_memory_gib", pl.gpu_memory_gib, "e.g. 80 for an A100-80GB")
+    _positive(p, "plan.cpu_memory_gib", pl.cpu_memory_gib, "host RAM per node, e.g. 1152 for p4de.24xlarge")
+    return p

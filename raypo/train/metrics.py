@@ -1,0 +1,84 @@
+"""Training and evaluation metrics as (sum, count) pairs: the loss as sum(numerators) / sum(denominators),
+ranking metrics of the implicit rewards (per dimension too), a per-token KL estimate, and throughput."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from raypo.losses import LossOutput
+from raypo.losses.metrics import finalize_metrics, ranking_metrics
+from raypo.model.batch import ListwiseBatch
+from raypo.train.collectives import MetricSums, all_reduce_metric_sums
+from raypo.train.objective import Objective, scalar_scores
+from raypo.train.reference import ReferenceOutputs
+
+_ONE = torch.ones((), dtype=torch.float64)
+
+
+def scalar(value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (sum, count) entry holding ``value``."""
+    return torch.tensor(float(value), dtype=torch.float64), _ONE
+
+
+def batch_metric_sums(objective: Objective, batch: ListwiseBatch, out: LossOutput,
+                      policy_logps_raw: torch.Tensor, ref: ReferenceOutputs, prefix: str,
+                      device: torch.device) -> MetricSums:
+    """Loss, ranking metrics of the implicit rewards, KL estimate and token counts of one micro-batch."""
+    mask = batch.response_mask().to(device)
+    num_tokens = batch.num_scored_tokens().to(device)
+    rewards = out.rewards.detach() if out.rewards is not None else None
+    sums: MetricSums = {f"{prefix}loss_numerator": (out.numerator.detach().double().cpu(), _ONE),
+                        f"{prefix}loss_denominator": (torch.as_tensor(out.denominator).double().cpu(), _ONE)}
+    # Ranking metrics on the mean of the ratings, and per dimension when there are several.
+    labels = scalar_scores({k: v.to(device) for k, v in batch.extras.items()})
+    if rewards is not None and labels is not None:
+        sums.update(ranking_metrics(rewards, labels, mask, prefix=prefix))
+        per_dim = batch.extras.get("scores")
+        if per_dim is not None and per_dim.dim() == 3 and per_dim.shape[-1] > 1:
+            names = objective.dim_names if objective.dim_names and \
+                len(objective.dim_names) == per_dim.shape[-1] else None
+            sums.update(ranking_metrics(rewards, per_dim.to(device), mask, ndcg_ks=(None,), prefix=prefix,
+                                        dim_names=names))
+    # KL estimate on the data's responses, per token: mean over tokens of log pi - log pi_ref (k1).
+    if objective.uses_reference:
+        diff = torch.where(mask, policy_logps_raw.detach().float() - ref.raw_logps,
+                           torch.zeros_like(ref.raw_logps))
+        sums[f"{prefix}kl_per_token"] = (diff.sum().double().cpu(), num_tokens[mask].sum().double().cpu())
+        sums[f"{prefix}reward_abs_mean"] = (rewards.abs()[mask].sum().double().cpu() if rewards is not None
+                                            else torch.zeros((), dtype=torch.float64),
+                                            mask.sum().double().cpu())
+    return sums
+
+
+def finalize(sums: MetricSums, prefix: str) -> dict[str, float]:
+    """Per-metric means, and the loss as sum(numerators) / sum(denominators)."""
+    num = sums.pop(f"{prefix}loss_numerator", None)
+    den = sums.pop(f"{prefix}loss_denominator", None)
+    out = finalize_metrics(sums)
+    if num is not None and den is not None:
+        out[f"{prefix}loss"] = float(num[0] / den[0]) if float(den[0]) > 0 else 0.0
+    return {k: v for k, v in out.items() if isinstance(v, float) and math.isfinite(v)}
+
+
+def window_metrics(window: MetricSums, start: float, engine, device: torch.device) -> dict[str, float]:
+    """The logging window's metrics reduced over ranks: training means, throughput, LR, gradient norm."""
+    reduced = all_reduce_metric_sums(dict(window), device)
+    elapsed = max(time.time() - start, 1e-9)
+    zero = (torch.zeros(()), torch.zeros(()))
+    tokens = float(reduced.pop("perf/tokens", zero)[0])
+    prompts = float(reduced.pop("perf/prompts", zero)[0])
+    padded = float(reduced.pop("perf/padded_tokens", zero)[0])
+    metrics = finalize(reduced, "train/")
+    metrics["perf/tokens_per_s"] = tokens / elapsed
+    if padded > 0:  # real tokens / tokens the forwards ran, padding and zero-weight forwards included
+        metrics["perf/padding_efficiency"] = tokens / padded
+    metrics["perf/samples_per_s"] = prompts / elapsed
+    lr = engine.get_lr()
+    metrics["train/lr"] = float(lr[0] if isinstance(lr, (list, tuple)) else lr)
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    return metrics
