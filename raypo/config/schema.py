@@ -82,7 +82,7 @@ class LossConfig:
 @dataclass
 class LearnedLambdaConfig:
     """The learned (polynomial) lambda scheduler of the lambda-DPO paper (Sun et al., arXiv 2506.19780,
-    Appendix D; docs/loss_reference.md): fit degree-p monomials of lambda to (lambda, score) probe results,
+    Appendix D; docs/loss_reference.md §3.5): fit degree-p monomials of lambda to (lambda, score) probe results,
     draw K candidates, sample one with probability softmax(a_hat / temperature)."""
 
     results_path: Optional[str] = None  # CSV of (lambda, score) rows, e.g. a raypo tune results table

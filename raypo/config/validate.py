@@ -58,16 +58,20 @@ def _loss_param_problems(lo: LossConfig) -> list[str]:
             for key in lo.params if key not in accepted]
 
 
-def validate(cfg: RaypoConfig) -> list[str]:
-    """Impossible values, each as a message naming the key, the value and the fix."""
+def _model_problems(cfg: RaypoConfig) -> list[str]:
     p: list[str] = []
-    m, d, lo, la, o = cfg.model, cfg.data, cfg.loss, cfg.lambdas, cfg.optimizer
+    m = cfg.model
     _choice(p, "model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
     _choice(p, "model.attention", m.attention, ("auto", "eager", "sdpa", "prefix_sdpa", "flex",
                                                 "flash_attention_2"))
     if m.lora.enabled:
         _positive(p, "model.lora.r", m.lora.r)
+    return p
 
+
+def _data_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
+    d = cfg.data
     _choice(p, "data.format", d.format, DATA_FORMATS)
     _choice(p, "data.overlong", d.overlong, ("truncate", "drop"))
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -77,7 +81,12 @@ def validate(cfg: RaypoConfig) -> list[str]:
     _positive(p, "data.max_prompt_length", d.max_prompt_length)
     _positive(p, "data.max_response_length", d.max_response_length)
     _at_least(p, "data.tokenize_concurrency", d.tokenize_concurrency, 1)
+    return p
 
+
+def _loss_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
+    lo = cfg.loss
     names = loss_names()
     _choice(p, "loss.name", lo.name, names)
     _positive(p, "loss.beta", lo.beta, "beta scales the implicit reward; typical values are 0.01-0.5")
@@ -89,7 +98,12 @@ def validate(cfg: RaypoConfig) -> list[str]:
         p.append("loss.params.beta: beta has its own key; move it to loss.beta")
     elif lo.name in names:
         p += _loss_param_problems(lo)
+    return p
 
+
+def _lambdas_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
+    la, d = cfg.lambdas, cfg.data
     _choice(p, "lambdas.schedule", la.schedule, LAMBDA_SCHEDULES)
     _choice(p, "lambdas.per", la.per, ("prompt", "batch"))
     _choice(p, "lambdas.gaussian_negatives", la.gaussian_negatives, ("clip", "abs", "softmax"))
@@ -121,7 +135,12 @@ def validate(cfg: RaypoConfig) -> list[str]:
     if la.weights is not None and d.dimensions and len(la.weights) != len(d.dimensions):
         p.append(f"lambdas.weights has {len(la.weights)} entries but data.dimensions has "
                  f"{len(d.dimensions)} ({', '.join(d.dimensions)}); give one weight per dimension")
+    return p
 
+
+def _optimizer_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
+    o = cfg.optimizer
     _positive(p, "optimizer.lr", o.lr, "e.g. 5e-7 for 8B full fine-tuning")
     if o.weight_decay < 0:
         p.append(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
@@ -134,19 +153,31 @@ def validate(cfg: RaypoConfig) -> list[str]:
         p.append(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     if o.grad_clip < 0:
         p.append(f"optimizer.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    return p
 
+
+def _deepspeed_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         p.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
         p.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
+    return p
 
+
+def _scaling_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
     _at_least(p, "scaling.num_workers", cfg.scaling.num_workers, 1)
     _choice(p, "scaling.placement_strategy", cfg.scaling.placement_strategy,
             ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     for res, amount in cfg.scaling.resources_per_worker.items():
         if not isinstance(amount, (int, float)) or amount < 0:
             p.append(f"scaling.resources_per_worker.{res}={amount!r} must be a non-negative number")
+    return p
 
+
+def _train_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
     t = cfg.train
     _at_least(p, "train.micro_batch_size", t.micro_batch_size, 1)
     _at_least(p, "train.grad_accum_steps", t.grad_accum_steps, 1)
@@ -162,15 +193,27 @@ def validate(cfg: RaypoConfig) -> list[str]:
     if t.reference_cache and t.reference != "precomputed":
         p.append(f"train.reference_cache={t.reference_cache!r} is only used with "
                  "train.reference=precomputed; set train.reference=precomputed or drop train.reference_cache")
+    return p
 
+
+def _checkpoint_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
     c = cfg.checkpoint
     _at_least(p, "checkpoint.every_steps", c.every_steps, 0)
     _at_least(p, "checkpoint.keep_last", c.keep_last, 1)
     _at_least(p, "checkpoint.max_failures", c.max_failures, -1)
+    return p
 
+
+def _logging_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
     _at_least(p, "logging.log_every", cfg.logging.log_every, 1)
     _choice(p, "logging.level", cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
 
+
+def _tune_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
     tu = cfg.tune
     _at_least(p, "tune.num_samples", tu.num_samples, 1)
     _choice(p, "tune.mode", tu.mode, ("max", "min"))
@@ -182,7 +225,11 @@ def validate(cfg: RaypoConfig) -> list[str]:
     if not tu.metric.startswith(("eval/", "train/")):
         p.append(f"tune.metric={tu.metric!r} is not a reported metric: use an eval/ or train/ metric, e.g. "
                  "eval/pairwise_accuracy (mode max) or eval/loss (mode min)")
+    return p
 
+
+def _plan_problems(cfg: RaypoConfig) -> list[str]:
+    p: list[str] = []
     pl = cfg.plan
     _at_least(p, "plan.responses_per_prompt", pl.responses_per_prompt, 2)
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
@@ -192,3 +239,14 @@ def validate(cfg: RaypoConfig) -> list[str]:
     _positive(p, "plan.gpu_memory_gib", pl.gpu_memory_gib, "e.g. 80 for an A100-80GB")
     _positive(p, "plan.cpu_memory_gib", pl.cpu_memory_gib, "host RAM per node, e.g. 1152 for p4de.24xlarge")
     return p
+
+
+#: One check per config section, in the order the sections appear in the YAML.
+SECTION_CHECKS = (_model_problems, _data_problems, _loss_problems, _lambdas_problems, _optimizer_problems,
+                  _deepspeed_problems, _scaling_problems, _train_problems, _checkpoint_problems,
+                  _logging_problems, _tune_problems, _plan_problems)
+
+
+def validate(cfg: RaypoConfig) -> list[str]:
+    """Impossible values, section by section, each as a message naming the key, the value and the fix."""
+    return [problem for check in SECTION_CHECKS for problem in check(cfg)]

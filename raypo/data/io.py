@@ -1,9 +1,6 @@
 """Files and storage without Ray: listing, streaming raw rows, writing Parquet/JSONL, local or ``s3://``.
 
-S3 goes through s3fs. Endpoint and region come from ``data.s3`` or the environment
-(``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``); credentials
-only from the environment or the AWS credential chain (botocore). raypo never puts credentials in
-options it prints, logs or stores.
+Storage (local or S3, endpoint and credentials) is :mod:`raypo.storage`.
 """
 
 from __future__ import annotations
@@ -17,38 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypo.data.schema import ListwiseRecord, dimensions_of, records_to_table
+from raypo.storage import fsspec_for
 
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json")
-
-
-def s3_options(s3_cfg: Any = None) -> dict[str, Any]:
-    """Keyword arguments for ``s3fs.S3FileSystem``: endpoint and region only."""
-    endpoint = getattr(s3_cfg, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or \
-        os.environ.get("AWS_ENDPOINT_URL")
-    region = getattr(s3_cfg, "region", None) or os.environ.get("AWS_REGION") or \
-        os.environ.get("AWS_DEFAULT_REGION")
-    opts: dict[str, Any] = {}
-    if endpoint:
-        opts["endpoint_url"] = endpoint
-    if region:
-        opts["client_kwargs"] = {"region_name": region}
-    return opts
-
-
-def filesystem_for(path: str, s3_cfg: Any = None):
-    """An fsspec filesystem for ``path``: s3fs for ``s3://``, None for local paths."""
-    if str(path).startswith("s3://"):
-        import s3fs
-
-        return s3fs.S3FileSystem(**s3_options(s3_cfg))
-    return None
-
-
-def fsspec_for(path: str, s3_cfg: Any = None):
-    import fsspec
-
-    fs = filesystem_for(path, s3_cfg)
-    return fs if fs is not None else fsspec.filesystem("file")
 
 
 def list_data_files(path: str, s3_cfg: Any = None) -> list[str]:

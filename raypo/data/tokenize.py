@@ -57,11 +57,9 @@ def load_tokenizer(path: str, s3_cfg: Any = None):
     trainer's, so data and model always agree on the tokenizer.
     """
     from raypo.model.loading import load_tokenizer as _load
-    from raypo.model.loading import s3_storage_options
+    from raypo.storage import s3_options_of
 
-    options = None
-    if str(path).startswith("s3://"):
-        options = s3_storage_options(getattr(s3_cfg, "endpoint_url", None), getattr(s3_cfg, "region", None))
+    options = s3_options_of(s3_cfg) if str(path).startswith("s3://") else None
     tok = _load(str(path), storage_options=options)
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"the tokenizer at {path} has no chat template; raypo formats prompts as chat. "

@@ -6,8 +6,9 @@ Entry point::
                                      dispersion=..., **hparams)
     out.loss, out.numerator, out.denominator, out.metrics, out.rewards
 
-Ground truth: ``spec/losses.md`` (formulas, defaults, edge cases) and its reference vectors. No model,
-no Ray: every function takes ``[B, N]`` tensors and works on CPU and GPU, in float32 and float64.
+Reference: ``docs/loss_reference.md`` (formulas, defaults, edge cases, sources) and the reference vectors
+in ``tests/losses/loss_vectors.json``. No model, no Ray: every function takes ``[B, N]`` tensors and works
+on CPU and GPU, in float32 and float64.
 """
 
 from raypo.losses._common import LossHyperparameterError, LossOutput

@@ -23,8 +23,9 @@ class LossOutput:
     """What every loss returns.
 
     Attributes:
-        loss: scalar, ``numerator / max(denominator, 1)``; the spec's batch value whenever
-            ``denominator > 0`` and exactly 0 (still attached to the graph) when every prompt was skipped.
+        loss: scalar, ``numerator / max(denominator, 1)``; the batch value of docs/loss_reference.md
+            (§0.3 and the loss's section) whenever ``denominator > 0``, and exactly 0 (still attached to
+            the graph) when every prompt was skipped.
         numerator: differentiable scalar; sum of per-unit losses (per prompt, per pair or per item).
         denominator: scalar without grad; the number of units. Numerators and denominators of several
             micro-batches (or data-parallel ranks) add up to those of the concatenated batch, so the

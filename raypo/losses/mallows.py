@@ -1,9 +1,9 @@
-"""MallowsPO (Chen et al., arXiv 2405.14953, ICLR 2025; haoxian-chen/MallowsPO), spec section 4.
+"""MallowsPO (Chen et al., arXiv 2405.14953, ICLR 2025; haoxian-chen/MallowsPO), docs/loss_reference.md §4.
 
 * :func:`mallows_theta_loss` - MallowsPO-theta, DPO with a per-prompt beta_eff = beta * phi(x) (CODE).
 * :func:`mallows_ipo_loss` - the repositories' ``mallows_ipo`` variants (CODE).
 * :func:`mallows_phi_loss` - MallowsPO-phi with the exact Mallows-Kendall link (PAPER; no official code).
-* Dispersion: ``phi(x) = -c * log Hbar(x)`` from reference-model token entropies (spec 4.3).
+* Dispersion: ``phi(x) = -c * log Hbar(x)`` from reference-model token entropies (§4.3).
 
 ``dispersion`` is always the *neg-log dispersion* ``phi(x) [B]`` (a positive number, dataset mean 1 after
 :func:`calibrate_c`). MallowsPO-phi's Mallows dispersion is ``varphi(x) = exp(-phi(x)) = Hbar(x)^c``,
@@ -42,7 +42,7 @@ MALLOWS_IPO_VARIANTS = ("mallowspo", "rainbowpo", "rainbowpo_modified", "mallows
 
 
 # --------------------------------------------------------------------------------------------------
-# Dispersion estimator (spec 4.3)
+# Dispersion estimator (docs/loss_reference.md §4.3)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -110,7 +110,9 @@ def neg_log_dispersion(hbar: HbarLike, mask: Optional[Tensor] = None, *, c: floa
 
 
 def calibrate_c(hbar_per_prompt: HbarLike) -> float:
-    """``c = 1 / mean_x[-log Hbar(x)]`` so that the dataset mean of phi(x) is 1 (spec 4.3).
+    """``c = 1 / mean_x[-log Hbar(x)]`` so that the dataset mean of phi(x) is 1.
+
+    Reference: docs/loss_reference.md §4.3 (the MallowsPO paper's calibration).
 
     ``hbar_per_prompt``: Hbar(x) for every prompt of the dataset (``[P]``, or ``[P, N]`` averaged per row).
     """
@@ -195,7 +197,7 @@ def mallows_theta_loss(
     length_normalization: bool = True,
     temperature: float = 1.0,
 ) -> LossOutput:
-    """MallowsPO-theta (spec 4.1; CODE ``loss_type="mallows_dpo"``).
+    """MallowsPO-theta (docs/loss_reference.md §4.1; CODE ``loss_type="mallows_dpo"``).
 
         logits = (th_w - th_l) - (r_w - r_l) - h                 (if_mixing_alpha=False)
         logits = (th_w - th_l) - a (r_w - r_l) - (1 - a) h       (if_mixing_alpha=True, a = mixing_alpha)
@@ -206,7 +208,7 @@ def mallows_theta_loss(
     Defaults as shipped (mallowsPO_config.py): beta = 10, reference_free = True, length-normalised
     log-probs (``length_normalization=True`` tells the trainer to feed per-token means), h = 0, eps = 0;
     temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores). The paper's "MallowsPO-theta on top
-    of DPO": reference_free=False, length_normalization=False, beta ~ 0.1. phi = 1 gives DPO (identity 7).
+    of DPO": reference_free=False, length_normalization=False, beta ~ 0.1. phi = 1 gives DPO (§7 identity 7).
     """
     name = "mallows_theta"
     _check_common(name, beta, home_advantage, mixing_alpha)
@@ -237,7 +239,7 @@ def mallows_ipo_loss(
     length_normalization: bool = True,
     temperature: float = 1.0,
 ) -> LossOutput:
-    """MallowsPO IPO variants (spec 4.2; CODE).
+    """MallowsPO IPO variants (docs/loss_reference.md §4.2; CODE).
 
         variant="mallowspo"          (MallowsPO repo):  L = (phi * logits - 1 / (2 beta))^2
         variant="rainbowpo"          (RainbowPO):       L = (beta * phi * logits - 1/2)^2   (beta^2 x above)
@@ -246,7 +248,7 @@ def mallows_ipo_loss(
 
     logits as :func:`mallows_theta_loss`. Defaults: beta = 0.1, variant "mallowspo", with the reference
     (reference_free=False) and length-normalised log-probs as TRL's IPO, so that phi = 1 gives TRL IPO
-    (identity 7); temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
+    (§7 identity 7); temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
     """
     name = "mallows_ipo"
     _check_common(name, beta, home_advantage, mixing_alpha)
@@ -267,7 +269,7 @@ def mallows_ipo_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# MallowsPO-phi: the exact Mallows-Kendall link (spec 4.4)
+# MallowsPO-phi: the exact Mallows-Kendall link (docs/loss_reference.md §4.4)
 # --------------------------------------------------------------------------------------------------
 #
 # With a = -log varphi > 0 and B(x) = x / (e^x - 1) (B(0) = 1, decreasing on x >= 0):
@@ -313,7 +315,9 @@ def _b_prime(a: Tensor) -> Tensor:
 
 
 def _neg_log_g(u: Tensor, a: Tensor) -> Tensor:
-    """-log g_varphi(u) for real u, a = -log varphi; g(0) := 1/2 (spec 4.4, NON-NORMATIVE).
+    """-log g_varphi(u) for real u, a = -log varphi; g(0) := 1/2 (NON-NORMATIVE).
+
+    Reference: docs/loss_reference.md §4.4.
 
     g jumps at 0 (g(0+) = 1/(1 - varphi) + 1/ln varphi). At exactly u = 0 - every prompt at step 0, when the
     policy equals the reference - the value is log 2 and the gradient is the mean of the two one-sided
@@ -342,11 +346,14 @@ def _as_neg_log_phi(phi: Union[float, Tensor], like: Tensor) -> Tensor:
 
 
 def mallows_phi_link(u: Tensor, phi: Union[float, Tensor]) -> Tensor:
-    """Mallows-Kendall link g_phi(u): P(the item at central rank i beats the one at rank i + u) (spec 4.4).
+    """Mallows-Kendall link g_phi(u): P(the item at central rank i beats the one at rank i + u).
+
+    Reference: docs/loss_reference.md §4.4 (MallowsPO paper, Mallows-Kendall model).
 
         g(d) = (d+1) / (1 - phi^(d+1)) - d / (1 - phi^d),  d = 1, 2, ...;   g(-d) = 1 - g(d);   g(0) := 1/2
 
-    Exact for integer d (checked against brute-force enumeration in the spec), used as is for real u.
+    Exact for integer d (checked against brute-force enumeration in tests/losses/test_loss_mallows.py),
+    used as is for real u.
     g(1) = 1/(1+phi); phi -> 0 gives a 0-1 step, phi -> 1 gives 1/2. Evaluated in float64 via
     expm1/log forms (see ``_neg_log_g``), returned in u's dtype. ``phi`` in (0, 1), scalar or broadcastable.
     """
@@ -368,16 +375,18 @@ def mallows_phi_loss(
     length_normalization: bool = False,
     temperature: float = 1.0,
 ) -> LossOutput:
-    """MallowsPO-phi with the exact Mallows-Kendall link (spec 4.4; PAPER, not in any official code).
+    """MallowsPO-phi with the exact Mallows-Kendall link (PAPER, not in any official code).
+
+    Reference: docs/loss_reference.md §4.4.
 
         u = s_w - s_l = beta * ((th_w - th_l) - (r_w - r_l)),   varphi(x) = exp(-phi(x)) = Hbar(x)^c
         L = -log g_varphi(x)(u)                                   (g: :func:`mallows_phi_link`)
 
     ``dispersion [B]`` is the neg-log dispersion phi(x) > 0 (as for MallowsPO-theta). The link is computed
     in float64 and the loss cast back. g(0) := 1/2; at u = 0 the gradient is the mean of the one-sided
-    gradients (the closed form jumps at 0). The paper's smooth approximations are not specified and not
-    implemented. Defaults: beta = 0.1, with the reference, summed log-probs (the DPO-based setting);
-    temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
+    gradients (the closed form jumps at 0). The paper's smooth approximations (App. C.5) are not
+    implemented (docs/loss_reference.md §10.11). Defaults: beta = 0.1, with the reference, summed
+    log-probs (the DPO-based setting); temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
     """
     name = "mallows_phi"
     check_positive(name, "beta", beta)

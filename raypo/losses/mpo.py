@@ -1,7 +1,7 @@
-"""MPO / W-MPO: Multi-Preference Optimization (Gupta et al., arXiv 2412.04628), spec section 5.
+"""MPO / W-MPO: Multi-Preference Optimization (Gupta et al., arXiv 2412.04628), docs/loss_reference.md §5.
 
-No public code exists; the formula is the paper's (and the seed paper's Appendix K code), except that a
-prompt whose scores are all equal is skipped instead of clamped to a loss of about 23.
+No public code exists; the formula is the paper's (and the code in its Appendix K), except that a prompt
+whose scores are all equal is skipped instead of clamped to a loss of about 23 (§10.12).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def mpo_loss(
     beta: float = 0.05,
     alpha: float = 0.0,
 ) -> LossOutput:
-    """MPO (spec 5), set-level contrast of above-mean against all responses.
+    """MPO (docs/loss_reference.md §5.2), set-level contrast of above-mean against all responses.
 
         S_bar = mean of the valid scores,  Y+ = {i valid: S_i > S_bar},  Y- = valid minus Y+
         r'_i  = s_i + alpha * |S_i - S_bar|,  s_i = beta * (logp_theta[i] - logp_ref[i])
@@ -87,7 +87,7 @@ def mpo_loss(
     ``scores [B, N]``: one scalar score per response (e.g. a reward-model score); NaN = invalid.
     Prompts with all scores equal (Y+ empty) are skipped: ``metrics["num_skipped"]``, not in the
     denominator; an all-skipped batch gives loss 0 with ``metrics["all_skipped"] = 1``.
-    N = 2 gives DPO for any alpha (identity 6). Defaults: beta = 0.05, alpha = 0. Log-probs summed.
+    N = 2 gives DPO for any alpha (§7 identity 6). Defaults: beta = 0.05, alpha = 0. Log-probs summed.
     """
     return _mpo("mpo", policy_logps, ref_logps, mask, scores, beta, alpha)
 
@@ -101,7 +101,9 @@ def wmpo_loss(
     beta: float = 0.05,
     alpha: Optional[float] = None,
 ) -> LossOutput:
-    """W-MPO: :func:`mpo_loss` with reward-weighted margins, alpha > 0 required (spec 5).
+    """W-MPO: :func:`mpo_loss` with reward-weighted margins, alpha > 0 required (W-MPO Eq. 6-7).
+
+    Reference: docs/loss_reference.md §5.3.
 
     alpha has no default: the paper reports 0.1 best in its ablation and 10 in its appendix, and the right
     value depends on the score scale, so it is a search-space axis. Default beta = 0.05.

@@ -1,6 +1,6 @@
 """InfoNCA and NCA (Chen et al. 2024, "Noise Contrastive Alignment"; thu-ml/Noise-Contrastive-Alignment),
-spec section 6.1 (CODE ``reward_trainer.py::nca_loss`` and ``preference_trainer.py``; defaults from the
-shipped yamls / README).
+docs/loss_reference.md §6.1 (CODE ``reward_trainer.py::nca_loss`` and ``preference_trainer.py``; defaults
+from the shipped yamls / README).
 
 Soft labels from scalar rewards ``R [B, N]`` over the valid responses:
 
@@ -121,12 +121,14 @@ def infonca_loss(
     temperature_alpha: float = 1e-4,
     first_bonus: float = 0.01,
 ) -> LossOutput:
-    """InfoNCA (spec 6.1): listwise cross-entropy between reward soft labels and the implicit softmax.
+    """InfoNCA: listwise cross-entropy between reward soft labels and the implicit softmax.
+
+    Reference: docs/loss_reference.md §6.1 (Chen et al. arXiv 2402.05369).
 
         L = -sum_k q_k log softmax_valid(s)_k,   s = beta * (logp_theta - logp_ref)
 
     ``scores [B, N]`` = rewards R. Defaults: beta = 0.01, temperature_alpha = 1e-4, first_bonus = 0.01.
-    With one-hot q this is listwise CE, i.e. DPO at N = 2 (identity 4). Log-probs summed.
+    With one-hot q this is listwise CE, i.e. DPO at N = 2 (§7 identity 4). Log-probs summed.
     """
     name = "infonca"
     s, q, mask = _setup(name, policy_logps, ref_logps, mask, scores, beta, temperature_alpha, first_bonus)
@@ -158,7 +160,7 @@ def nca_loss(
     first_bonus: float = 0.01,
     variant: str = "listwise",
 ) -> LossOutput:
-    """NCA (spec 6.1): binary NCE of each response against the reference.
+    """NCA (docs/loss_reference.md §6.1): binary NCE of each response against the reference.
 
         variant="listwise" (default; CODE reward_trainer.py::nca_loss):
             L = -sum_k q_k log sigmoid(s_k) - (1/K) sum_k log sigmoid(-s_k),   K = number of valid responses
@@ -174,7 +176,7 @@ def nca_loss(
     over prompts (listwise: prompts with a valid response; pair variants: prompts with a usable pair).
 
     Defaults: beta = 0.01, temperature_alpha = 1e-4, first_bonus = 0.01 (as :func:`infonca_loss`),
-    variant = "listwise". With one-hot q and K = 2 the listwise form equals the pairwise one (identity 8).
+    variant = "listwise". With one-hot q and K = 2 the listwise form equals the pairwise one (§7 identity 8).
     Log-probs summed.
     """
     name = "nca"

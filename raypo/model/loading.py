@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from raypo.model.tiny import is_tiny_spec, resolve_tiny_spec
+from raypo.storage import s3_options
 
 logger = logging.getLogger(__name__)
 
@@ -100,24 +101,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RAYPO_CACHE_DIR", Path.home() / ".cache" / "raypo"))
 
 
-def s3_storage_options(endpoint_url: str | None = None, region: str | None = None,
-                       extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``s3fs.S3FileSystem``.
-
-    Endpoint: the argument, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (MinIO, moto, Ceph, ...).
-    Credentials are not taken here: botocore reads them from the environment, ~/.aws or instance roles.
-    """
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    client_kwargs: dict[str, Any] = {}
-    if endpoint:
-        client_kwargs["endpoint_url"] = endpoint
-    if region:
-        client_kwargs["region_name"] = region
-    options: dict[str, Any] = {"client_kwargs": client_kwargs} if client_kwargs else {}
-    options.update(extra or {})
-    return options
-
-
 def _s3_cache_path(uri: str, endpoint: str | None, cache_dir: Path) -> Path:
     digest = hashlib.sha256(f"{endpoint or ''}|{uri.rstrip('/')}".encode()).hexdigest()[:16]
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
@@ -175,7 +158,7 @@ def resolve_model_source(source: str | os.PathLike, *, cache_dir: str | os.PathL
         root = Path(cache_dir) / "tiny" if cache_dir else None
         return str(resolve_tiny_spec(source, root))
     if source.startswith("s3://"):
-        options = storage_options if storage_options is not None else s3_storage_options()
+        options = storage_options if storage_options is not None else s3_options()
         return str(download_s3_dir(source, cache_dir, storage_options=options))
     expanded = Path(source).expanduser()
     if expanded.exists():

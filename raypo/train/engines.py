@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from raypo.config import RaypoConfig
 from raypo.model.listwise import ListwiseLogProbModel
+from raypo.storage import s3_options_of
 from raypo.train.ds_config import reference_ds_config, train_ds_config
 from raypo.train.optim import build_lr_scheduler, build_optimizer
 
@@ -29,9 +30,7 @@ def worker_dtype(cfg: RaypoConfig) -> str:
 
 def s3_options(cfg: RaypoConfig) -> dict[str, Any]:
     """s3fs options for model sources: ``data.s3`` endpoint and region, else the environment's."""
-    from raypo.model.loading import s3_storage_options
-
-    return s3_storage_options(cfg.data.s3.endpoint_url, cfg.data.s3.region)
+    return s3_options_of(cfg.data.s3)
 
 
 def build_engines(cfg: RaypoConfig, policy_path: str, ref_path: str, *, world_size: int,

@@ -3,7 +3,7 @@ label rule, and whether it needs the reference model.
 
 What each loss reads from a collated batch: the data layer carries per-response ``scores`` ([B, N, m]
 ratings, NaN = missing), and optionally ``psi`` (LiPO labels) and ``ranks`` (1 = best). Each loss declares
-the label kind it needs (:attr:`raypo.losses.registry.LossSpec.labels`, docs/loss_reference.md):
+the label kind it needs (:attr:`raypo.losses.registry.LossSpec.labels`, docs/loss_reference.md §0.4):
 
 * ``per_dimension_scores`` (lambda_dpo, ultrafb_best_worst_dpo): the [B, N, m] ratings as they are (the
   loss turns them into softmax targets per dimension).

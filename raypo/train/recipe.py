@@ -89,7 +89,7 @@ class ListwiseRecipe:
         import deepspeed
         import ray.train
 
-        from raypo.data.pipeline import EVAL_KEY, train_key
+        from raypo.data.splits import EVAL_KEY, train_key
 
         cfg = config_from_dict(loop_config["config"])
         ctx = ray.train.get_context()
@@ -183,7 +183,7 @@ class ListwiseRecipe:
 
     def _eval_batches(self) -> list[ListwiseBatch]:
         """This rank's share of the eval split (``train.eval_batches`` batches at most; 0: all)."""
-        from raypo.data.pipeline import eval_rows_for_rank
+        from raypo.data.splits import eval_rows_for_rank
 
         batches = []
         for rows in self.eval_shard.iter_batches(batch_size=self.cfg.train.micro_batch_size,

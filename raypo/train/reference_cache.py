@@ -231,7 +231,7 @@ def _join(base: str, *parts: str) -> str:
 
 
 def _fs(path: str, s3_cfg: Any):
-    from raypo.data.io import fsspec_for
+    from raypo.storage import fsspec_for
 
     return fsspec_for(path, s3_cfg)
 

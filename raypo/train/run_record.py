@@ -59,7 +59,7 @@ def run_directory(cfg: RaypoConfig, name: str) -> str:
 
 def latest_checkpoint(cfg: RaypoConfig, name: str) -> tuple[str, int] | None:
     """(directory, global step) of the run's newest complete checkpoint, or None."""
-    from raypo.data.io import fsspec_for
+    from raypo.storage import fsspec_for
     from raypo.train.checkpoint import STATE_FILE
 
     run_dir = run_directory(cfg, name)
@@ -81,7 +81,7 @@ def latest_checkpoint(cfg: RaypoConfig, name: str) -> tuple[str, int] | None:
 def check_or_write_run_record(cfg: RaypoConfig, name: str) -> bool:
     """Refuse (:class:`RunConflictError`) a start whose config differs from the recorded one; write the
     record on a first start. Returns True when a record was already there (the run resumes)."""
-    from raypo.data.io import fsspec_for
+    from raypo.storage import fsspec_for
 
     run_dir = run_directory(cfg, name)
     fs = fsspec_for(run_dir, cfg.data.s3)

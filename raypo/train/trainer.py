@@ -75,9 +75,10 @@ def local_run_directory(cfg: RaypoConfig) -> str:
 
 def resolve_model_paths(cfg: RaypoConfig) -> tuple[str, str]:
     """Local (or hub id) paths of the policy and reference models; ``tiny://`` models are built here."""
-    from raypo.model.loading import resolve_model_source, s3_storage_options
+    from raypo.model.loading import resolve_model_source
+    from raypo.storage import s3_options_of
 
-    options = s3_storage_options(cfg.data.s3.endpoint_url, cfg.data.s3.region)
+    options = s3_options_of(cfg.data.s3)
     policy = resolve_model_source(cfg.model.path, storage_options=options)
     ref = policy
     if cfg.model.reference_path:
@@ -160,6 +161,32 @@ def describe_epochs(rows: int, cfg: RaypoConfig) -> str:
     return line
 
 
+def prepare_datasets(cfg: RaypoConfig, *, reference_cache: Optional[str] = None,
+                     with_entropy: Optional[bool] = None) -> PreparedDatasets:
+    """Read, validate and tokenise ``cfg.data`` (printing the data report), and add the reference
+    log-probs when they are precomputed: from ``reference_cache`` (default ``train.reference_cache``), or
+    scored here without a cache. ``with_entropy``: also MallowsPO's entropies (None: when the loss needs
+    them). ``raypo train`` and a sweep's shared reference stage both prepare their data here."""
+    from raypo.data.pipeline import build_datasets
+
+    resolve_model_paths(cfg)  # fail fast on a bad model path, and fill the driver node's cache
+    policy_path, ref_path = model_sources(cfg)
+    train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer_path=policy_path)
+    print(report.format(), flush=True)
+    cache = reference_cache or (cfg.train.reference_cache if cfg.train.reference == "precomputed" else None)
+    if cache:
+        from raypo.train.reference_cache import cached_reference_logprobs
+
+        train_ds, eval_ds = (cached_reference_logprobs(ds, cfg, ref_path, cache, with_entropy=with_entropy)
+                             if ds.count() else ds for ds in (train_ds, eval_ds))
+    elif cfg.train.reference == "precomputed":
+        from raypo.train.reference import add_reference_logprobs
+
+        train_ds, eval_ds = (add_reference_logprobs(ds, cfg, ref_path, with_entropy=with_entropy)
+                             for ds in (train_ds, eval_ds))
+    return PreparedDatasets(train_ds, eval_ds, list(report.dimensions or []))
+
+
 def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
                   precomputed_datasets: Optional[PreparedDatasets] = None):
     """A ready-to-fit TorchTrainer for ``cfg`` (used by ``raypo train`` and by each Tune trial).
@@ -170,29 +197,17 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raypo.data.pipeline import build_datasets, data_config, trainer_datasets
+    from raypo.data.splits import data_config, trainer_datasets
     from raypo.train.callbacks import ProgressCallback
     from raypo.train.recipe import train_loop_per_worker
 
-    resolve_model_paths(cfg)  # fail fast on a bad model path, and fill the driver node's cache
     policy_path, ref_path = model_sources(cfg)
-    if precomputed_datasets is not None:
-        train_ds, eval_ds = precomputed_datasets.train, precomputed_datasets.eval
-        dimensions = list(precomputed_datasets.dimensions)
+    if precomputed_datasets is None:
+        precomputed_datasets = prepare_datasets(cfg)
     else:
-        train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer_path=policy_path)
-        print(report.format(), flush=True)
-        dimensions = list(report.dimensions or [])
-        if cfg.train.reference == "precomputed" and cfg.train.reference_cache:
-            from raypo.train.reference_cache import cached_reference_logprobs
-
-            train_ds = cached_reference_logprobs(train_ds, cfg, ref_path, cfg.train.reference_cache)
-            eval_ds = cached_reference_logprobs(eval_ds, cfg, ref_path, cfg.train.reference_cache)
-        elif cfg.train.reference == "precomputed":
-            from raypo.train.reference import add_reference_logprobs
-
-            train_ds = add_reference_logprobs(train_ds, cfg, ref_path)
-            eval_ds = add_reference_logprobs(eval_ds, cfg, ref_path)
+        resolve_model_paths(cfg)  # fail fast on a bad model path, and fill the driver node's cache
+    train_ds, eval_ds = precomputed_datasets.train, precomputed_datasets.eval
+    dimensions = list(precomputed_datasets.dimensions)
     print(describe_epochs(train_ds.count(), cfg), flush=True)
     has_eval = eval_ds.count() > 0
     datasets = trainer_datasets(train_ds, eval_ds, epochs=cfg.train.epochs, seed=cfg.data.shuffle_seed)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from raypo.data.formats import ConvertOptions, assemble_oasst, convert_records, convert_row
+from raypo.data.formats import ConvertOptions, convert_row
+from raypo.data.groups import assemble_oasst, convert_records
 from raypo.data.schema import derive_prompt_id, split_key
 
 # ---------------------------------------------------------------------------------------------------- UF

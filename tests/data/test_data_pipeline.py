@@ -11,18 +11,10 @@ from data_corpus import DIMS, MAX_PROMPT, MAX_RESPONSE, corpus_lines, expected_r
 from data_records import oasst_messages
 
 from raypo.config import DataConfig, S3Config
-from raypo.data.formats import convert_records
-from raypo.data.pipeline import (
-    build_datasets,
-    build_rows,
-    convert_dataset,
-    epoch_sort_key,
-    in_eval,
-    read_parquet,
-    shuffle_for_epoch,
-    write_parquet,
-)
+from raypo.data.groups import convert_records
+from raypo.data.pipeline import build_datasets, build_rows, convert_dataset, read_parquet, write_parquet
 from raypo.data.schema import dimensions_of
+from raypo.data.splits import epoch_sort_key, in_eval, shuffle_for_epoch
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ def test_same_seed_same_rows_other_seed_other_rows():
 
 
 def test_rows_are_valid_listwise_records_with_four_dimensions():
-    from raypo.data.formats import ConvertOptions, convert_records
+    from raypo.data.formats import ConvertOptions
+    from raypo.data.groups import convert_records
 
     table = generate_table(100, seed=0)
     res = convert_records(table.to_pylist(), "listwise", ConvertOptions(dimensions=list(DIMENSIONS)))

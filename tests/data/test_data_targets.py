@@ -1,18 +1,15 @@
-"""Targets from a row's labels, through raypo.losses.labels."""
+"""Labels from a row's ratings and ranks: LiPO psi (raypo.data.targets, stored with each tokenised row) and
+the scalar scores the trainer derives from the collated rows (raypo.train.objective.scalar_scores)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
 from raypo.data import targets
-
-
-def test_rating_targets_match_the_lambda_dpo_example():
-    # spec 3.2: ratings (5, 4, 2, 1) give p* = (0.6964, 0.2562, 0.0347, 0.0128)
-    p = targets.rating_targets([[5.0], [4.0], [2.0], [1.0]])
-    assert [round(x[0], 4) for x in p] == [0.6964, 0.2562, 0.0347, 0.0128]
-    two = targets.rating_targets([[5.0, 1.0], [None, 1.0]], temperature=2.0)
-    assert abs(sum(r[0] for r in two) - 1) < 1e-12 and two[0][1] == pytest.approx(0.5)
+from raypo.model.batch import collate_listwise
+from raypo.train.objective import scalar_scores
 
 
 def test_psi_from_ranks_and_ratings():
@@ -22,6 +19,13 @@ def test_psi_from_ranks_and_ratings():
         targets.psi([[], []])
 
 
-def test_mpo_scores():
-    assert targets.mpo_scores([[5.0, None], [1.0, 3.0], [None, None]]) == [5.0, 2.0, None]
-    assert targets.mpo_scores([[], []], [2, 1]) == [-2.0, -1.0]
+def test_scalar_scores_of_collated_rows():
+    """A response's scalar score is the mean of its available ratings (NaN when it has none), or -rank for
+    a rank-only row: what MPO, NCA and the best/worst pairwise losses read."""
+    rated = collate_listwise([{"prompt_ids": [1, 2], "response_ids": [[3], [4], [5]],
+                               "scores": [[5.0, None], [1.0, 3.0], [None, None]], "ranks": None}])
+    got = scalar_scores(rated.extras)[0].tolist()
+    assert got[:2] == [5.0, 2.0] and math.isnan(got[2])
+    ranked = collate_listwise([{"prompt_ids": [1, 2], "response_ids": [[3], [4]], "scores": [[], []],
+                                "ranks": [2, 1]}])
+    assert scalar_scores(ranked.extras)[0].tolist() == [-2.0, -1.0]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from raypo.data.pipeline import data_config, epoch_sort_key, trainer_datasets
+from raypo.data.splits import data_config, epoch_sort_key, trainer_datasets
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +17,7 @@ def _train_fn(config):
 
     import ray.train
 
-    from raypo.data.pipeline import EVAL_KEY, eval_rows_for_rank, train_key
+    from raypo.data.splits import EVAL_KEY, eval_rows_for_rank, train_key
     from raypo.model.batch import collate_listwise
 
     ctx = ray.train.get_context()

@@ -17,11 +17,9 @@ from raypo.train.lambda_schedules import (
     SCHEDULES,
     PolynomialLambdaScheduler,
     build_lambda_schedule,
-    fit_poly_scheduler,
     from_results_table,
-    monomial_exponents,
-    poly_features,
 )
+from raypo.train.learned_lambda import fit_poly_scheduler, monomial_exponents, poly_features
 
 # Placeholder probe results in the paper's setup (m = 4: the four one-hots and the uniform lambda). The seed
 # paper's Appendix D.5 values were not available to this implementation; replace them when found.

@@ -8,7 +8,9 @@ import math
 
 import pytest
 import torch
+from loss_cases import BUNDLED_VECTORS_PATH, load_vectors
 
+from raypo.config import LossConfig
 from raypo.losses import (
     calibrate_c,
     entropy_from_logits,
@@ -136,13 +138,25 @@ def test_mallows_phi_float32() -> None:
 # Dispersion estimator -------------------------------------------------------------------------------
 
 
-def test_neg_log_dispersion_vector_value() -> None:
-    hbar_w, hbar_l = torch.tensor([0.058098], dtype=D64), torch.tensor([0.142848], dtype=D64)
-    phi = neg_log_dispersion((hbar_w, hbar_l), c=0.29)
-    assert phi.item() == pytest.approx(0.666381210845, rel=1e-11)
-    per_response = neg_log_dispersion(torch.tensor([[0.058098, 0.142848, 0.9]], dtype=D64),
-                                      torch.tensor([[True, True, False]]), c=0.29)
-    assert per_response.item() == pytest.approx(0.666381210845, rel=1e-11)
+MALLOWS_VECTORS = [v for v in load_vectors(BUNDLED_VECTORS_PATH)
+                   if "neg_log_dispersion_phi" in (v.get("derived") or {})]
+
+
+@pytest.mark.parametrize("v", MALLOWS_VECTORS, ids=[v["id"] for v in MALLOWS_VECTORS])
+def test_neg_log_dispersion_vector_value(v: dict) -> None:
+    """The spec's phi = -c log((Hbar_w + Hbar_l) / 2) at the vector's c, as a pair and per response; at the
+    configured c (what the trainer passes) phi scales linearly, and the estimator's default c is that one."""
+    inp, vec_c, want = v["inputs"], v["params"]["c"], v["derived"]["neg_log_dispersion_phi"]
+    hbar_w, hbar_l = torch.tensor([inp["Hbar_w"]], dtype=D64), torch.tensor([inp["Hbar_l"]], dtype=D64)
+    phi = neg_log_dispersion((hbar_w, hbar_l), c=vec_c)
+    assert phi.item() == pytest.approx(want, rel=1e-11)
+    per_response = neg_log_dispersion(torch.tensor([[inp["Hbar_w"], inp["Hbar_l"], 0.9]], dtype=D64),
+                                      torch.tensor([[True, True, False]]), c=vec_c)
+    assert per_response.item() == pytest.approx(want, rel=1e-11)
+    c = LossConfig().dispersion_c
+    at_config = neg_log_dispersion((hbar_w, hbar_l), c=c)
+    assert at_config.item() == pytest.approx(want * c / vec_c, rel=1e-11)
+    assert neg_log_dispersion((hbar_w, hbar_l)).item() == pytest.approx(at_config.item(), rel=1e-15)
 
 
 def test_entropy_and_normalized_mean() -> None:
@@ -165,7 +179,12 @@ def test_calibrate_c_gives_mean_phi_one() -> None:
     hbar = torch.tensor([0.02, 0.05, 0.1, 0.2, 0.35], dtype=D64)
     c = calibrate_c(hbar)
     assert neg_log_dispersion(hbar, c=c).mean().item() == pytest.approx(1.0, rel=1e-14)
-    # The shipped c = 0.29 implies mean(-log Hbar) = 3.45.
-    assert 1 / 0.29 == pytest.approx(3.45, abs=0.01)
+    # The configured c (LossConfig().dispersion_c, passed by the trainer) is the calibrated c of a dataset
+    # whose mean -log Hbar is 1 / c: there the mean phi is 1.
+    c_cfg = LossConfig().dispersion_c
+    spread = torch.tensor([-0.5, 0.0, 0.5], dtype=D64)
+    hbar_cfg = torch.exp(-(1.0 / c_cfg + spread))
+    assert calibrate_c(hbar_cfg) == pytest.approx(c_cfg, rel=1e-12)
+    assert neg_log_dispersion(hbar_cfg, c=c_cfg).mean().item() == pytest.approx(1.0, rel=1e-12)
     with pytest.raises(ValueError):
         calibrate_c(torch.tensor([1.0, 1.0]))

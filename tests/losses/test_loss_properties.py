@@ -393,13 +393,13 @@ def test_registry_fields_and_defaults() -> None:
     for row in rows:
         assert row["labels"] in ("pairwise_order", "scalar_scores", "per_dimension_scores")
         assert row["logp_reduction"] in ("sum", "mean")
-        assert row["source"].startswith("spec")
+        assert row["source"].startswith("docs/loss_reference.md §")
 
 
 def test_every_loss_has_a_formula_docstring() -> None:
     for spec in LOSS_REGISTRY.values():
         doc = spec.fn.__doc__ or ""
-        assert "spec" in doc and "efault" in doc, spec.name
+        assert "loss_reference.md" in doc and "efault" in doc, spec.name
 
 
 def test_simpo_gamma_resolution() -> None:

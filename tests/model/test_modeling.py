@@ -19,9 +19,9 @@ from raypo.model.loading import (
     load_tokenizer,
     parse_dtype,
     resolve_model_source,
-    s3_storage_options,
     zero3_init_handle,
 )
+from raypo.storage import s3_options
 
 TINY = "tiny://llama?seed=0"
 
@@ -130,7 +130,7 @@ def test_s3_model_source(s3, tiny_model_dir, tmp_path, make_rows):
     _upload_dir(fs, tiny_model_dir, prefix)
     fs.put_file(str(tiny_model_dir / "config.json"), f"{s3.bucket}/models/tiny2/config.json")  # a sibling
 
-    options = s3_storage_options()  # endpoint from AWS_ENDPOINT_URL_S3 (exported by the test harness)
+    options = s3_options()  # endpoint from AWS_ENDPOINT_URL_S3 (exported by the test harness)
     assert options["client_kwargs"]["endpoint_url"] == s3.endpoint_url and "key" not in options
     local = download_s3_dir(f"s3://{prefix}", tmp_path, storage_options=options)
     assert (local / COMPLETE_MARKER).exists()

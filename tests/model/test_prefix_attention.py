@@ -10,6 +10,7 @@ from raypo.model.attention import NAME, _segments, is_structure_mask, structure_
 from raypo.model.batch import collate_listwise
 from raypo.model.layout import shared_layout
 from raypo.model.listwise import ListwiseLogProbModel, grouped_logprobs
+from raypo.model.loading import load_policy
 from raypo.model.response_chunks import listwise_backward
 
 GROUPS = [(5, [3, 1, 4, 2]), (1, [2, 3]), (3, [1]), (7, [6, 2, 2, 5, 1])]
@@ -36,11 +37,42 @@ def test_equals_dense_mask_values_and_grads(tiny_model_f64, make_rows, pad):
         torch.testing.assert_close(g_blocks[name], grad, atol=1e-10, rtol=0, msg=name)
 
 
-def test_unshared_layout_falls_back_to_sdpa(tiny_model_f64, make_rows):
+def test_unshared_layout_falls_back_to_sdpa(tiny_model_dir, make_rows, monkeypatch):
+    """Without prefix sharing, ``model.attention: auto`` loads transformers' plain ``sdpa``; an explicit
+    ``prefix_sdpa`` keeps its backend, but the unshared layout gives it a padding mask, not a structure mask,
+    so every attention call goes to transformers' ``sdpa_attention_forward``: log-probs and gradients equal
+    the plain sdpa model's, and with prefix sharing the same backend never falls back."""
+    import transformers.integrations.sdpa_attention as hf_sdpa
+
     batch = collate_listwise(make_rows(GROUPS))
-    shared, _ = _run(tiny_model_f64, batch, NAME)
-    unshared, _ = _run(tiny_model_f64, batch, NAME, prefix_sharing=False)
-    torch.testing.assert_close(shared, unshared, atol=1e-6, rtol=0)
+    auto = load_policy(tiny_model_dir, dtype="float64", attention="auto", prefix_sharing=False)
+    prefix = load_policy(tiny_model_dir, dtype="float64", attention="prefix_sdpa", prefix_sharing=False)
+    assert auto.config._attn_implementation == "sdpa"
+    assert prefix.config._attn_implementation == NAME
+    assert ListwiseLogProbModel(prefix).attn_implementation == NAME
+
+    masks = []
+    plain_sdpa = hf_sdpa.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return plain_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward", spy)
+    layers = prefix.config.num_hidden_layers
+
+    dense, g_dense = _run(auto, batch, "sdpa", prefix_sharing=False)
+    assert masks == []  # the plain sdpa model calls transformers' registered sdpa function directly
+    fallback, g_fallback = _run(prefix, batch, NAME, prefix_sharing=False)
+    assert len(masks) == layers and not any(is_structure_mask(m) for m in masks)
+    torch.testing.assert_close(fallback, dense, atol=1e-12, rtol=0)
+    for name, grad in g_dense.items():
+        torch.testing.assert_close(g_fallback[name], grad, atol=1e-12, rtol=0, msg=name)
+
+    masks.clear()
+    shared, _ = _run(prefix, batch, NAME)
+    assert masks == []  # structure masks: the block computation, no fallback
+    torch.testing.assert_close(shared, dense, atol=1e-6, rtol=0)
 
 
 def test_response_length_change_leaves_others_bitwise_unchanged(tiny_model_f64, make_rows):
