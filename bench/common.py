@@ -24,6 +24,7 @@ reads as about k MiB.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import importlib
@@ -35,9 +36,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
+
+from raypo.model.shape import ModelShape
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1",
               "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -50,36 +53,23 @@ def clock() -> float:
     return time.process_time()
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """A Llama-shaped decoder. The default has a 25 % lm_head share of the per-token matmul FLOPs (vocab
-    4096, hidden 256), like 1B-class models (Llama-3.2-1B: 21 %); an 8B model has 7 %."""
-
-    vocab: int = 4096
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 768
-
-    def decoder_matmul_params(self) -> int:
-        """Per-token multiply-accumulates of the decoder's linear layers (q, k, v, o, gate, up, down)."""
-        head_dim = self.hidden // self.heads
-        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
-        mlp = 3 * self.hidden * self.intermediate
-        return self.layers * (attn + mlp)
-
-    def head_params(self) -> int:
-        return self.vocab * self.hidden
-
-    def describe(self) -> str:
-        share = self.head_params() / (self.head_params() + self.decoder_matmul_params())
-        return (f"Llama, hidden {self.hidden}, {self.layers} layers, {self.heads} heads / {self.kv_heads} "
-                f"KV, MLP {self.intermediate}, vocab {self.vocab} (lm_head {share:.0%} of matmul "
-                "FLOPs/token)")
+#: The benchmarks' model: a 25 % lm_head share of the per-token matmul FLOPs (vocab 4096, hidden 256), like
+#: 1B-class models (Llama-3.2-1B: 21 %); an 8B model has 7 %.
+BENCH_MODEL = ModelShape(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                         intermediate_size=768)
+#: The ``--smoke`` runs' model: seconds on a CPU.
+SMOKE_MODEL = ModelShape(vocab_size=512, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                         intermediate_size=128)
 
 
-BENCH_MODEL = ModelShape()
+def describe_model(shape: ModelShape) -> str:
+    """The model line of a results file, with the lm_head's share V h / (V h + D) of the per-token matmul
+    FLOPs (D: :meth:`ModelShape.decoder_matmul_params`)."""
+    head = shape.embedding_params
+    share = head / (head + shape.decoder_matmul_params())
+    return (f"Llama, hidden {shape.hidden_size}, {shape.num_layers} layers, {shape.num_heads} heads / "
+            f"{shape.num_kv_heads} KV, MLP {shape.intermediate_size}, vocab {shape.vocab_size} (lm_head "
+            f"{share:.0%} of matmul FLOPs/token)")
 
 
 def setup_torch(threads: int = 1) -> None:
@@ -91,11 +81,8 @@ def build_llama(shape: ModelShape = BENCH_MODEL, *, seed: int = 0, attention: st
     """A random fp32 ``LlamaForCausalLM`` of ``shape`` (no dropout, so train and eval mode agree)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                         intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                         max_position_embeddings=8192, use_cache=False, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2)
+    config = LlamaConfig(**shape.llama_config_kwargs(), max_position_embeddings=8192, use_cache=False,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config._attn_implementation = attention
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -221,7 +208,8 @@ def measure_memory(module: str, case: dict, *, in_process: bool = False) -> dict
 
 _FORKSERVER = None
 _PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "raypo.model.listwise",
-            "raypo.model.response_chunks", "raypo.losses", "raypo.train.loop", "datasets", "trl", "bench.common"]
+            "raypo.model.response_chunks", "raypo.losses", "raypo.train.recipe", "datasets", "trl",
+            "bench.common"]
 
 
 def _forkserver():
@@ -345,6 +333,23 @@ def environment() -> dict[str, object]:
             "platform": platform.platform(), "torch": torch.__version__,
             "transformers": _version("transformers"), "trl": _version("trl"), "raypo": _version("raypo"),
             "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line of every benchmark
+# ----------------------------------------------------------------------------------------------------
+
+
+def bench_main(run: Callable[[bool, int, str], dict], doc: str, *, rounds: int = 3,
+               argv: list[str] | None = None) -> None:
+    """``python -m bench.NAME [--smoke] [--rounds R] [--no-memory]``: print ``run(smoke, rounds, memory)``
+    as JSON (``memory``: "subprocess", or "off" with --no-memory). ``doc``'s first line is the description."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round (a few seconds)")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.smoke, args.rounds, "off" if args.no_memory else "subprocess"), indent=1))
 
 
 def to_jsonable(obj):

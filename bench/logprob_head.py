@@ -5,8 +5,8 @@ logp_t = log softmax(h_t W^T)[y_t] and backpropagate sum_t g_t logp_t into h and
 
 * full logits (what ``model(...).logits`` + ``log_softmax`` + ``gather`` does): z = h W^T [T, V] fp32,
   log_softmax(z) [T, V] saved for the backward, dz [T, V] in the backward;
-* raypo (:func:`raypo.model.logprobs.chunked_label_logprobs`): [c, V] logits per chunk of c rows, recomputed in
-  the backward (one extra GEMM), never [T, V].
+* raypo (:func:`raypo.model.logprobs.chunked_label_logprobs`): [c, V] logits per chunk of c rows, recomputed
+  in the backward (one extra GEMM), never [T, V].
 
 Vocabularies 32,000 (hidden 256) and 128,256 (Llama-3, hidden 128: smaller so a CPU run stays short);
 T = 1024 tokens, chunk c = 256 rows (raypo's default, 1024, is sized for GPUs and 8k-token micro-batches;
@@ -17,12 +17,9 @@ Run: ``python -m bench.logprob_head [--smoke]``.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
-from bench.common import interleaved_times, measure_memory, paired_ratio, setup_torch
+from bench.common import bench_main, interleaved_times, measure_memory, paired_ratio, setup_torch
 
 CASES = ((32000, 256), (128256, 128))  # (vocab, hidden)
 TOKENS = 1024
@@ -95,14 +92,5 @@ def run(smoke: bool = False, rounds: int = 3, memory: str = "subprocess") -> dic
     return {"rows": [run_case(v, h, tokens, chunk, rounds=rounds, memory=memory) for v, h in cases]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-memory", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(args.smoke, args.rounds, "off" if args.no_memory else "subprocess"), indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -22,21 +22,23 @@ Run: ``python -m bench.prefix_sharing [--smoke]``.
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 
 import torch
 
 from bench.common import (
     BENCH_MODEL,
-    ModelShape,
+    SMOKE_MODEL,
+    bench_main,
     build_llama,
+    describe_model,
     interleaved_times,
     measure_memory,
     paired_ratio,
     setup_torch,
     uniform_rows,
 )
+from raypo.model.shape import ModelShape
 
 GRID_N = (4, 8, 16)
 GRID_RATIO = (0.5, 1.0, 4.0)  # P / R
@@ -50,7 +52,7 @@ def rho(n: int, p: int, r: int) -> float:
 
 def rho_flops(n: int, p: int, r: int, shape: ModelShape) -> float:
     """Linear-FLOP ideal with the response-only head (same in both layouts); see the module docstring."""
-    d, v = shape.decoder_matmul_params(), shape.head_params()
+    d, v = shape.decoder_matmul_params(), shape.embedding_params
     return (d * n * (p + r) + v * n * r) / (d * (p + n * r) + v * n * r)
 
 
@@ -83,7 +85,7 @@ def memory_case(case: dict):
     """Subprocess entry (bench.common.peak_in_subprocess): one variant's forward+backward."""
     shape = ModelShape(**case["shape"])
     model = build_llama(shape)
-    return _step(model, _batch(case["n"], case["p"], case["r"], shape.vocab), case["variant"])
+    return _step(model, _batch(case["n"], case["p"], case["r"], shape.vocab_size), case["variant"])
 
 
 def _speedups(row: dict, times: dict, name: str, suffix: str) -> None:
@@ -102,10 +104,10 @@ def run_case(model, shape: ModelShape, n: int, p: int, r: int, *, rounds: int, m
     ``speedup`` / ``of_rho``: the dense-mask shared layout (``model.attention: auto``/``sdpa``);
     ``speedup_blocks`` / ``of_rho_blocks``: the block backend (``model.attention: prefix_sdpa``).
     """
-    batch = _batch(n, p, r, shape.vocab)
+    batch = _batch(n, p, r, shape.vocab_size)
     times = interleaved_times({v: _step(model, batch, v) for v in VARIANTS}, rounds=rounds)
     stats = batch.token_stats()
-    row = {"n": n, "p": p, "r": r, "p_over_r": p / r, "vocab": shape.vocab,
+    row = {"n": n, "p": p, "r": r, "p_over_r": p / r, "vocab": shape.vocab_size,
            "shared_tokens": stats["shared_tokens"], "unshared_tokens": stats["unshared_tokens"],
            "unshared_s": min(times["unshared"]), "rho": rho(n, p, r), "rho_flops": rho_flops(n, p, r, shape)}
     _speedups(row, times, "shared", "")
@@ -124,29 +126,20 @@ def run(smoke: bool = False, rounds: int = 4, memory: str = "subprocess") -> dic
     shape = BENCH_MODEL
     grid_n, grid_ratio, r_len = GRID_N, GRID_RATIO, RESPONSE_LEN
     if smoke:
-        shape = ModelShape(vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128)
+        shape = SMOKE_MODEL
         grid_n, grid_ratio, r_len, rounds = (4,), (4.0,), 8, 1
         memory = "in_process" if memory != "off" else memory
     model = build_llama(shape)
     rows = [run_case(model, shape, n, int(ratio * r_len), r_len, rounds=rounds, memory=memory)
             for n in grid_n for ratio in grid_ratio]
     extra = []
+    big = dataclasses.replace(BENCH_MODEL, vocab_size=32000)
     if not smoke:  # the same point with a 32k vocabulary: the head (response tokens only) dilutes the gain
-        big = ModelShape(vocab=32000)
         extra.append(run_case(build_llama(big), big, 8, 4 * r_len, r_len, rounds=rounds, memory=memory))
-    return {"model": shape.describe(), "rows": rows, "vocab_32k": extra,
-            "model_32k": ModelShape(vocab=32000).describe()}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round (a few seconds)")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--no-memory", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(args.smoke, args.rounds, "off" if args.no_memory else "subprocess"), indent=1))
+    return {"model": describe_model(shape), "rows": rows, "vocab_32k": extra,
+            "model_32k": describe_model(big)}
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    main()
+    bench_main(run, __doc__, rounds=4)

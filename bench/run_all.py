@@ -10,7 +10,7 @@
 Targets (docs/performance.md):
 
 * prefix sharing: shared forward+backward >= 0.7 of the ideal rho at N = 8, P/R = 4;
-* flat-in-N micro-batching: chunked peak memory at N = 16 <= 1.3 x the peak at N = 4 (fixed chunk);
+* flat-in-N response chunking: chunked peak memory at N = 16 <= 1.3 x the peak at N = 4 (fixed chunk);
 * end to end: raypo at N = 2 at least as fast per pair as TRL's DPOTrainer.
 """
 
@@ -24,7 +24,7 @@ import time
 
 from bench import common
 
-BENCHES = ("memory_selfcheck", "prefix_sharing", "head", "microbatch", "trl")
+BENCHES = ("memory_selfcheck", "prefix_sharing", "head", "response_chunks", "trl")
 
 
 def _run_bench(name: str, smoke: bool) -> dict:
@@ -38,10 +38,10 @@ def _run_bench(name: str, smoke: bool) -> dict:
         from bench import logprob_head
 
         return logprob_head.run(smoke=smoke)
-    if name == "microbatch":
-        from bench import microbatch_memory
+    if name == "response_chunks":
+        from bench import response_chunks_memory
 
-        return microbatch_memory.run(smoke=smoke)
+        return response_chunks_memory.run(smoke=smoke)
     if name == "trl":
         from bench import trl_compare
 
@@ -61,7 +61,7 @@ def check_targets(results: dict) -> list[dict]:
                 value = point[0]["of_rho" + suffix]
                 out.append({"target": f"shared fwd+bwd speedup / rho at N=8, P/R=4, {label}", "value": value,
                             "threshold": ">= 0.7", "met": value >= 0.7})
-    mb = results.get("microbatch")
+    mb = results.get("response_chunks")
     if mb and "chunked_peak_ratio_last_vs_first" in mb:
         value = mb["chunked_peak_ratio_last_vs_first"]
         out.append({"target": "chunked peak memory N=16 / N=4", "value": value, "threshold": "<= 1.3",
@@ -133,7 +133,7 @@ def _mb_row(r: dict) -> list[str]:
             _mib(r, "chunked_peak_mib")]
 
 
-def md_microbatch(res: dict) -> str:
+def md_response_chunks(res: dict) -> str:
     header = ["N", "P/R tokens", "chunk", "direct s", "chunked s", "time chunked/direct (median)",
               "direct peak MiB",
               "chunked peak MiB"]
@@ -178,7 +178,7 @@ def to_markdown(results: dict) -> str:
     sections = (("memory_selfcheck", "Memory method self-check", md_selfcheck),
                 ("prefix_sharing", "Prefix sharing", md_prefix_sharing),
                 ("head", "Log-prob head vs full logits", md_head),
-                ("microbatch", "Flat-in-N micro-batching", md_microbatch),
+                ("response_chunks", "Flat-in-N response chunking", md_response_chunks),
                 ("trl", "End to end vs TRL DPOTrainer", md_trl))
     for key, title, fmt in sections:
         if key in results:

@@ -4,10 +4,10 @@ Both sides run one optimizer step per call on plain PyTorch in one process (fp32
 online reference model (a frozen copy of the initial policy), AdamW (betas 0.9 / 0.95, no weight decay),
 gradient clipping at 1.0, constant learning rate:
 
-* raypo: :func:`raypo.train.loop.train_step` (the worker's step: reference forward, loss, metrics, listwise
-  forward/backward with prefix sharing, optimizer step) with a plain-torch stand-in for the DeepSpeed engine
-  (:class:`TorchEngine`: ``engine(...)``, ``backward``, ``step``); micro-batches are collated before the
-  clock starts, as TRL's are.
+* raypo: :meth:`raypo.train.recipe.ListwiseRecipe.train_step` (the worker's step: reference forward, loss,
+  metrics, listwise forward/backward with prefix sharing, optimizer step) with a plain-torch stand-in for the
+  DeepSpeed engine (:class:`TorchEngine`: ``engine(...)``, ``backward``, ``step``); micro-batches are
+  collated before the clock starts, as TRL's are.
 * raypo unshared: the same with ``model.prefix_sharing=false`` (one right-padded row per response, as TRL
   builds), to separate the gain of prefix sharing from the rest;
 * TRL: ``DPOTrainer.train()`` (loss ``sigmoid``, beta 0.1, its fused log-prob head, padding to the longest
@@ -34,27 +34,28 @@ Run: ``python -m bench.trl_compare [--smoke]``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
 import itertools
-import json
 import tempfile
 
 import torch
 
 from bench.common import (
     BENCH_MODEL,
-    ModelShape,
+    SMOKE_MODEL,
+    bench_main,
     build_llama,
     clock,
+    describe_model,
     measure_memory,
     paired_ratio,
     ragged_rows,
     reset_peak_rss,
     setup_torch,
 )
+from raypo.model.shape import ModelShape
 
 PROMPT_MEAN, RESPONSE_MEAN = 128, 64
 LR, BETA = 1e-5, 0.1
@@ -66,7 +67,8 @@ LR, BETA = 1e-5, 0.1
 
 
 class TorchEngine:
-    """What :func:`raypo.train.loop.train_step` uses of a DeepSpeed engine, on plain PyTorch."""
+    """What :meth:`raypo.train.recipe.ListwiseRecipe.train_step` uses of a DeepSpeed engine, on plain
+    PyTorch."""
 
     def __init__(self, module, optimizer, grad_clip: float):
         self.module, self.optimizer, self.grad_clip = module, optimizer, grad_clip
@@ -106,28 +108,28 @@ class RaypoRunner:
     def __init__(self, model, rows: list[dict], loss: str, groups_per_step: int, prefix_sharing: bool = True):
         from raypo.model.batch import collate_listwise
         from raypo.model.listwise import ListwiseLogProbModel
-        from raypo.train.loop import Engines, loss_setup
+        from raypo.train.engines import Engines
+        from raypo.train.objective import Objective
         from raypo.train.optim import build_optimizer
+        from raypo.train.recipe import ListwiseRecipe
 
         self.cfg = raypo_config(loss, prefix_sharing)
-        self.setup = loss_setup(self.cfg, None)
         ref = ListwiseLogProbModel(copy.deepcopy(model).requires_grad_(False).eval())
         policy = ListwiseLogProbModel(model)
         engine = TorchEngine(policy, build_optimizer(policy.parameters(), self.cfg.optimizer),
                              self.cfg.optimizer.grad_clip)
-        self.engines = Engines(policy=engine, reference=ref, hf_config=model.config, tokenizer=None)
+        engines = Engines(policy=engine, reference=ref, hf_config=model.config, tokenizer=None)
+        self.recipe = ListwiseRecipe(self.cfg, Objective.from_config(self.cfg, None), engines)
         self.batches = [collate_listwise(rows[i:i + groups_per_step])
                         for i in range(0, len(rows), groups_per_step)]
         self.next = 0
 
     def step(self) -> float:
         """One optimizer step on the next micro-batch; returns its seconds."""
-        from raypo.train.loop import train_step
-
         batch = self.batches[self.next % len(self.batches)]
         self.next += 1
         start = clock()
-        train_step(self.cfg, self.setup, self.engines, [batch], None, torch.device("cpu"), world_size=1)
+        self.recipe.train_step([batch])
         return clock() - start
 
     def epoch(self) -> float:
@@ -216,7 +218,7 @@ def _group_tokens(rows: list[dict]) -> int:
 
 
 def _data(n: int, groups: int, shape: ModelShape, prompt_mean: int, response_mean: int) -> list[dict]:
-    return ragged_rows(groups, n, prompt_mean, response_mean, shape.vocab, seed=100 + n)
+    return ragged_rows(groups, n, prompt_mean, response_mean, shape.vocab_size, seed=100 + n)
 
 
 CASES = {
@@ -296,23 +298,14 @@ def run(smoke: bool = False, rounds: int = 3, memory: str = "subprocess") -> dic
     setup_torch(1)
     shape, cases, p_mean, r_mean = BENCH_MODEL, CASES, PROMPT_MEAN, RESPONSE_MEAN
     if smoke:
-        shape = ModelShape(vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128)
+        shape = SMOKE_MODEL
         cases, p_mean, r_mean, rounds = SMOKE_CASES, 16, 8, 1
         memory = "off"  # TRL's trainer holds the process's memory; in-process numbers would mean nothing
     # N = 2 rounds are short: more of them (the all-pairs TRL round takes ~25 s here)
     rows = [run_case(name, spec, shape, rounds=rounds + 2 * (spec[0] == 2 and not smoke), memory=memory,
                      prompt_mean=p_mean, response_mean=r_mean) for name, spec in cases.items()]
-    return {"model": shape.describe(), "prompt_mean": p_mean, "response_mean": r_mean, "rows": rows}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-memory", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(args.smoke, args.rounds, "off" if args.no_memory else "subprocess"), indent=1))
+    return {"model": describe_model(shape), "prompt_mean": p_mean, "response_mean": r_mean, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

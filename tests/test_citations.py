@@ -28,7 +28,7 @@ def test_cited_sections_of_the_loss_reference_exist() -> None:
     assert {"2.8", "3.4", "3.5", "4.3", "10.10"} <= sections  # the headings this test reads are numbered
     missing = [f"{p.relative_to(ROOT)}: §{m.group(1)}" for p in SOURCES
                for m in SECTION_CITATION.finditer(p.read_text()) if m.group(1) not in sections]
-    assert not missing, "citations of sections that docs/loss_reference.md does not have:\n" + "\n".join(missing)
+    assert not missing, "sections docs/loss_reference.md does not have:\n" + "\n".join(missing)
 
 
 def test_cited_docs_exist() -> None:

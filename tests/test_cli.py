@@ -47,3 +47,19 @@ def test_missing_command_is_an_error():
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args([])
     assert exc.value.code != 0
+
+
+def test_every_subcommand_has_its_own_module():
+    """`raypo X` dispatches to raypo.cli.X (data has one function per action; raypo.cli.job is the cluster
+    side of submit)."""
+    import importlib
+
+    for name in ("train", "tune", "submit", "export", "plan"):
+        assert callable(getattr(importlib.import_module(f"raypo.cli.{name}"), f"{name}_command")), name
+    data = importlib.import_module("raypo.cli.data")
+    assert all(callable(getattr(data, f"{a}_command")) for a in ("convert", "validate", "synth"))
+
+
+def test_job_runner_usage():
+    out = subprocess.run([sys.executable, "-m", "raypo.cli.job"], capture_output=True, text=True)
+    assert out.returncode == 2 and "python -m raypo.cli.job run {train,tune}" in out.stderr

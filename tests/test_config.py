@@ -147,5 +147,5 @@ def test_every_registered_loss_is_a_valid_loss_name():
     for name in LOSS_REGISTRY:
         params = {"alpha": 0.1} if name == "wmpo" else {}
         assert config_from_dict({"loss": {"name": name, "params": params}}).loss.name == name
-    with pytest.raises(ConfigError, match="loss.name='lipo_lamda' is not one of .*did you mean 'lipo_lambda'"):
+    with pytest.raises(ConfigError, match="'lipo_lamda' is not one of .*did you mean 'lipo_lambda'"):
         config_from_dict({"loss": {"name": "lipo_lamda"}})

@@ -1,8 +1,9 @@
 """The ``raypo`` command: train | tune | submit | data | export | plan.
 
-Each subcommand parses its arguments here and hands off to the module that does the work, imported lazily
-so ``raypo --help`` stays fast. Configuration problems are printed as one list and exit with status 2
-before any cluster work starts.
+Each subcommand parses its arguments here and hands off to its module under ``raypo/cli/`` (``train.py``,
+``tune.py``, ``submit.py``, ``data.py``, ``export.py``, ``plan.py``), imported lazily so ``raypo --help``
+stays fast; ``raypo.cli.job`` is the cluster side of ``raypo submit``. Configuration problems are printed
+as one list and exit with status 2 before any cluster work starts.
 """
 
 from __future__ import annotations
@@ -66,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raypo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_run_commands(sub)
+    _add_data_commands(sub)
+    _add_model_commands(sub)
+    return parser
 
+
+def _add_run_commands(sub) -> None:
+    """train, tune, submit."""
     p = sub.add_parser("train", help="train a policy on listwise preference data (Ray Train + DeepSpeed)",
                        description="Train with any raypo loss on a Ray cluster (a local one by default).")
     _add_config_args(p)
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it and exit")
-    p.set_defaults(func=_handler("raypo.tune.sweep", "tune_command"))
+    p.set_defaults(func=_handler("raypo.cli.tune", "tune_command"))
 
     p = sub.add_parser("submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster",
                        description="Validate a job spec and its raypo config locally, then submit it with "
@@ -91,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the equivalent plain `ray job submit ...` command and exit")
     p.add_argument("--skip-plan", action="store_true",
                    help="submit even when `raypo plan` says the job does not fit the cluster in config.plan")
-    p.set_defaults(func=_handler("raypo.launch.submit", "submit_command"))
+    p.set_defaults(func=_handler("raypo.cli.submit", "submit_command"))
 
+
+def _add_data_commands(sub) -> None:
+    """data convert | validate | synth."""
     p = sub.add_parser("data", help="convert, validate and synthesise listwise datasets",
                        description="Data tools: convert | validate | synth.")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
@@ -138,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION)")
     d.set_defaults(func=_handler("raypo.cli.data", "synth_command"))
 
+
+def _add_model_commands(sub) -> None:
+    """export, plan."""
     p = sub.add_parser("export", help="export a training checkpoint to Hugging Face safetensors",
                        description="Write CHECKPOINT as a Hugging Face model directory (safetensors + "
                                    "tokenizer) at OUT.")
@@ -149,8 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Estimate per-GPU memory (ZeRO-3 model states, reference, activations, "
                                    "log-prob head) and say whether the job fits.")
     _add_config_args(p)
-    p.set_defaults(func=_handler("raypo.launch.plan", "plan_command"))
-    return parser
+    p.set_defaults(func=_handler("raypo.cli.plan", "plan_command"))
+
+
+def command_flags(parser: Optional[argparse.ArgumentParser] = None) -> dict[str, list[str]]:
+    """The flags each subcommand accepts, ``{"train": ["--dry-run"], "tune": [...], ...}``, read from the
+    parser itself. The commands that read job specs hand them to :func:`raypo.launch.jobspec.load_job`,
+    which checks a job's ``args`` against them (the launch layer does not import the CLI)."""
+    parser = parser or build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: [o for a in p._actions for o in a.option_strings if o not in ("-h", "--help")]
+            for name, p in sub.choices.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

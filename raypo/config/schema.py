@@ -82,8 +82,8 @@ class LossConfig:
 @dataclass
 class LearnedLambdaConfig:
     """The learned (polynomial) lambda scheduler of the lambda-DPO paper (Sun et al., arXiv 2506.19780,
-    Appendix D; docs/loss_reference.md §3.5): fit degree-p monomials of lambda to (lambda, score) probe results,
-    draw K candidates, sample one with probability softmax(a_hat / temperature)."""
+    Appendix D; docs/loss_reference.md §3.5): fit degree-p monomials of lambda to (lambda, score) probe
+    results, draw K candidates, sample one with probability softmax(a_hat / temperature)."""
 
     results_path: Optional[str] = None  # CSV of (lambda, score) rows, e.g. a raypo tune results table
     score_column: str = "eval/pairwise_accuracy"
@@ -158,7 +158,7 @@ class TrainConfig:
     # precomputed only: cache directory (local or s3://) of reference log-probs keyed by the reference model's
     # files, the tokenised rows and the stage settings (raypo.train.reference_cache); None: no cache
     reference_cache: Optional[str] = None
-    response_chunk_size: int = 0  # 0: all N responses at once; k: listwise micro-batching in chunks of k
+    response_chunk_size: int = 0  # 0: all N responses at once; k: response chunks of k
     # 0: every forward holds one micro-batch (micro_batch_size groups), as read. T > 0: each step's groups
     # (still read micro_batch_size * grad_accum_steps per rank) are packed across ranks into bins of at most
     # T padded tokens (rows x longest row), balanced so every rank runs the same number of bins
@@ -219,7 +219,7 @@ class PlanConfig:
     """Inputs of ``raypo plan`` (per-GPU memory estimate, see :mod:`raypo.launch.plan`); training ignores
     them.
 
-    ``model`` names a known architecture (``raypo.launch.plan.KNOWN_MODELS``: llama-3-8b, qwen2.5-32b,
+    ``model`` names a known architecture (``raypo.launch.catalog.KNOWN_MODELS``: llama-3-8b, qwen2.5-32b,
     ...); None
     reads ``model.path``/config.json when it is a local directory. The architecture numbers override it.
     ``node_type`` names a known instance (p4de.24xlarge, a2-ultragpu-8g, ...); the hardware numbers

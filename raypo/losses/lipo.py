@@ -472,7 +472,8 @@ def lipo_lambda_loss(
 
     Padding: with ``scale="padded"`` the loss depends on the padded length (§7 identity 15, as in RAX), so
     micro-batches padded to different N add up to the concatenated batch only if they share N. Use
-    ``scale="valid"`` (padding-invariant, additive across any micro-batching) for variable N in training.
+    ``scale="valid"`` (padding-invariant, additive across any split into micro-batches) for variable N in
+    training.
     """
     name = "lipo_lambda"
     check_choice(name, "scale", scale, ("padded", "valid", "none"))

@@ -35,7 +35,7 @@ import math
 import torch
 from torch import nn
 
-DEFAULT_HEAD_CHUNK_SIZE = 1024
+from raypo.model.shape import DEFAULT_HEAD_CHUNK_SIZE  # one value for the head and raypo plan
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""Listwise micro-batching: exact gradients of a loss coupling N responses, with memory set by a chunk.
+"""Response chunks: exact gradients of a loss coupling N responses, with memory set by a chunk.
 
 A listwise loss L(s) depends on the N sequence log-probs s_1..s_N of a group, so by the chain rule
 

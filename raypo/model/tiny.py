@@ -8,8 +8,8 @@ downloaded here, so this module builds one:
 * a byte-level BPE tokenizer trained on a small built-in corpus (English, digits, arithmetic, politeness
   words and chat markers, so the synthetic preference data tokenises into sensible pieces), wrapped as a
   ``PreTrainedTokenizerFast`` with bos/eos/pad tokens and a simple chat template;
-* a ``LlamaForCausalLM`` from a ``LlamaConfig`` (hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 128,
-  vocab = tokenizer size), initialised from a seed.
+* a ``LlamaForCausalLM`` from a ``LlamaConfig`` of :data:`TINY_SHAPE` (hidden 64, 2 layers, 4 heads, 2 KV
+  heads, intermediate 128, vocab = tokenizer size), initialised from a seed.
 
 Everything is deterministic for a given :class:`TinySpec`: the corpus is generated from a fixed seed, BPE
 merges break ties deterministically, and the weights come from a forked, seeded RNG (the caller's global
@@ -17,7 +17,8 @@ RNG state is left untouched).
 
 Configs name a tiny model with a URI, ``tiny://llama?hidden=64&layers=2&seed=0`` (see
 :func:`parse_tiny_spec`); :func:`resolve_tiny_spec` materialises it once into a cache directory and returns
-the path, so ``tiny://`` can be used anywhere a model directory is accepted.
+the path, so ``tiny://`` can be used anywhere a model directory is accepted. torch and transformers are
+imported only to build a model, so parsing a URI (``raypo plan`` does) stays light.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import parse_qsl, urlparse
 
-import torch
+from raypo.model.shape import ModelShape
+
+if TYPE_CHECKING:
+    import torch
 
 TINY_SCHEME = "tiny://"
 
@@ -51,24 +56,45 @@ CHAT_TEMPLATE = (
 )
 
 
+#: The default tiny model's shape; ``vocab_size`` is the BPE target size (the real vocabulary may be smaller).
+TINY_SHAPE = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                        vocab_size=512)
+
+#: ``tiny://`` URI keys (and ``save_tiny_model`` options) of the shape -> :class:`ModelShape` fields
+SHAPE_KEYS = {"hidden": "hidden_size", "layers": "num_layers", "heads": "num_heads",
+              "kv_heads": "num_kv_heads", "intermediate": "intermediate_size", "vocab": "vocab_size",
+              "tie_embeddings": "tie_word_embeddings"}
+#: the other keys, fields of :class:`TinySpec` itself
+SPEC_KEYS = ("max_positions", "seed")
+
+
 @dataclass(frozen=True)
 class TinySpec:
-    """Shape and seed of a tiny Llama. ``vocab`` is the BPE target size (the real size may be smaller)."""
+    """A tiny Llama: its shape, and what a shape does not say (the context length and the weights' seed)."""
 
     arch: str = "llama"
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 128
-    vocab: int = 512
+    shape: ModelShape = TINY_SHAPE
     max_positions: int = 2048
-    tie_embeddings: bool = False
     seed: int = 0
+
+    def options(self) -> dict[str, Any]:
+        """The spec as URI keys, in the order of the cache key: hidden, layers, ..., max_positions, seed."""
+        shape = {key: getattr(self.shape, name) for key, name in SHAPE_KEYS.items()}
+        tied = shape.pop("tie_embeddings")
+        return {**shape, "max_positions": self.max_positions, "tie_embeddings": tied, "seed": self.seed}
+
+    def with_options(self, **options: Any) -> TinySpec:
+        """A copy with URI keys changed: ``spec.with_options(seed=1, hidden=32)``."""
+        unknown = [k for k in options if k not in SHAPE_KEYS and k not in SPEC_KEYS]
+        if unknown:
+            raise TypeError(f"unknown tiny model options {unknown}; known: {', '.join(self.options())}")
+        shape = {SHAPE_KEYS[k]: v for k, v in options.items() if k in SHAPE_KEYS}
+        spec = {k: v for k, v in options.items() if k in SPEC_KEYS}
+        return dataclasses.replace(self, shape=dataclasses.replace(self.shape, **shape), **spec)
 
     def cache_key(self) -> str:
         """A directory name that identifies the spec (same spec, same files)."""
-        fields = dataclasses.asdict(self)
+        fields = {"arch": self.arch, **self.options()}
         return "-".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in fields.items())
 
 
@@ -175,15 +201,9 @@ def tiny_llama_config(spec: TinySpec, tokenizer):
     if spec.arch != "llama":
         raise ValueError(f"tiny model arch={spec.arch!r} is not supported; use tiny://llama")
     return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
+        **{**spec.shape.llama_config_kwargs(), "vocab_size": len(tokenizer)},
         max_position_embeddings=spec.max_positions,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=spec.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -191,28 +211,30 @@ def tiny_llama_config(spec: TinySpec, tokenizer):
     )
 
 
-def build_tiny_model(spec: TinySpec, tokenizer, dtype: torch.dtype = torch.float32):
-    """A random ``LlamaForCausalLM``; its weights depend only on ``spec`` (seeded, forked RNG)."""
+def build_tiny_model(spec: TinySpec, tokenizer, dtype: Optional[torch.dtype] = None):
+    """A random ``LlamaForCausalLM`` in ``dtype`` (default float32); its weights depend only on ``spec``
+    (seeded, forked RNG)."""
+    import torch
     from transformers import LlamaForCausalLM
 
     config = tiny_llama_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
+    return model.to(dtype or torch.float32).eval()
 
 
 def save_tiny_model(out_dir: str | os.PathLike, spec: TinySpec | None = None, **overrides) -> Path:
     """Build a tiny model and tokenizer and save both in Hugging Face format under ``out_dir``.
 
-    ``overrides`` are :class:`TinySpec` fields (``seed=1``, ``hidden=32``, ...). Returns ``out_dir``.
+    ``overrides`` are ``tiny://`` URI keys (``seed=1``, ``hidden=32``, ...). Returns ``out_dir``.
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)`` load
     them, and so does ZeRO-3 partitioned loading.
     """
-    spec = dataclasses.replace(spec or TinySpec(), **overrides)
+    spec = (spec or TinySpec()).with_options(**overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(spec.vocab, seed=spec.seed)
+    tokenizer = build_tiny_tokenizer(spec.shape.vocab_size, seed=spec.seed)
     model = build_tiny_model(spec, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -223,8 +245,8 @@ def save_tiny_model(out_dir: str | os.PathLike, spec: TinySpec | None = None, **
 # tiny:// URIs
 # ----------------------------------------------------------------------------------------------------
 
-_SPEC_ALIASES = {"hidden_size": "hidden", "num_layers": "layers", "num_heads": "heads",
-                 "num_kv_heads": "kv_heads", "intermediate_size": "intermediate", "vocab_size": "vocab"}
+#: the shape's field names are accepted too (``hidden_size=64`` is ``hidden=64``)
+_KEY_ALIASES = {name: key for key, name in SHAPE_KEYS.items()}
 
 
 def is_tiny_spec(path: str) -> bool:
@@ -239,22 +261,21 @@ def parse_tiny_spec(uri: str) -> TinySpec:
     if not is_tiny_spec(uri):
         raise ValueError(f"not a tiny model URI: {uri!r} (expected tiny://llama?hidden=64&layers=2)")
     parsed = urlparse(uri)
-    arch = parsed.netloc or parsed.path.strip("/") or "llama"
-    fields = {f.name: f for f in dataclasses.fields(TinySpec)}
-    values: dict[str, object] = {"arch": arch}
+    default = TinySpec(arch=parsed.netloc or parsed.path.strip("/") or "llama")
+    known = default.options()
+    values: dict[str, Any] = {}
     for key, raw in parse_qsl(parsed.query, keep_blank_values=True):
-        name = _SPEC_ALIASES.get(key, key)
-        if name not in fields or name == "arch":
-            known = ", ".join(n for n in fields if n != "arch")
-            raise ValueError(f"unknown key {key!r} in tiny model URI {uri!r}; known keys: {known}")
-        if fields[name].type in ("bool", bool):
+        name = _KEY_ALIASES.get(key, key)
+        if name not in known:
+            raise ValueError(f"unknown key {key!r} in tiny model URI {uri!r}; known keys: {', '.join(known)}")
+        if isinstance(known[name], bool):
             values[name] = raw.lower() in ("1", "true", "yes")
         else:
             try:
                 values[name] = int(raw)
             except ValueError:
                 raise ValueError(f"{key}={raw!r} in tiny model URI {uri!r} must be an integer") from None
-    return TinySpec(**values)
+    return default.with_options(**values)
 
 
 def default_tiny_cache_dir() -> Path:

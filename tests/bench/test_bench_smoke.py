@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_benchmark_runs_with_tiny_sizes(tmp_path):
-    benches = ["prefix_sharing", "head", "microbatch"]
+    benches = ["prefix_sharing", "head", "response_chunks"]
     if importlib.util.find_spec("trl") is not None:  # optional: pip install trl (the TRL comparison)
         benches.append("trl")
     proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--smoke", "--out", str(tmp_path), "--only",

@@ -25,7 +25,7 @@ def _ids(ds) -> list[str]:
 
 def test_build_datasets_matches_plain_python_and_splits_stably(synthetic_datasets, tiny_model_dir,
                                                                monkeypatch, tmp_path):
-    import raypo.data.pipeline as pipeline
+    import raypo.data.splits as splits
 
     cfg, train, evals, report = synthetic_datasets
     assert report.input_rows == report.accepted_rows == 96 and report.balanced
@@ -53,7 +53,7 @@ def test_build_datasets_matches_plain_python_and_splits_stably(synthetic_dataset
 
     # The per-epoch order: the driver-side reorder and the distributed sort agree.
     small = shuffle_for_epoch(evals, 5, 1)
-    monkeypatch.setattr(pipeline, "DRIVER_SHUFFLE_LIMIT_BYTES", -1)
+    monkeypatch.setattr(splits, "DRIVER_SHUFFLE_LIMIT_BYTES", -1)
     assert _ids(shuffle_for_epoch(evals, 5, 1)) == _ids(small) == sorted(
         eval_ids, key=lambda p: epoch_sort_key(p, 5, 1))
 

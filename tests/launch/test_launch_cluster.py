@@ -13,7 +13,7 @@ import ray
 import yaml
 from launch_helpers import REPO
 
-from raypo.launch.submit import job_config, load_job
+from raypo.launch.jobspec import job_config, load_job
 
 CLUSTER = REPO / "cluster"
 LAUNCHER_CONFIGS = {"aws.yaml": ("aws", "p4de.24xlarge", "InstanceType"),
@@ -200,9 +200,9 @@ def test_kuberay_rayjob():
 
 
 def test_kuberay_rayjob_entrypoint_runs_a_valid_job_spec():
-    """The RayJob runs `python -m raypo.launch.submit run-job /home/ray/raypo/jobs/X.yaml` (the image has jobs/)."""
+    """The RayJob runs `python -m raypo.cli.job run-job /home/ray/raypo/jobs/X.yaml` (the image has jobs/)."""
     entrypoint = _yaml(CLUSTER / "kuberay" / "rayjob.yaml")["spec"]["entrypoint"].split()
-    assert entrypoint[:4] == ["python", "-m", "raypo.launch.submit", "run-job"]
+    assert entrypoint[:4] == ["python", "-m", "raypo.cli.job", "run-job"]
     in_image = Path(entrypoint[4])
     assert in_image.parts[:4] == ("/", "home", "ray", "raypo")
     local = REPO.joinpath(*in_image.parts[4:])

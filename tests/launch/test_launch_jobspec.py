@@ -13,18 +13,10 @@ import pytest
 from launch_helpers import REPO
 
 from raypo.cli import main
+from raypo.cli.job import run_inline, run_job_here
 from raypo.config import ConfigError, config_from_dict, load_config, to_dict
-from raypo.launch.submit import (
-    RUN_CONFIG_ENV,
-    build_submission,
-    is_job_spec,
-    job_config,
-    load_job,
-    render_ray_cli,
-    run_inline,
-    run_job_here,
-    runtime_env_for_ray,
-)
+from raypo.launch.jobspec import RUN_CONFIG_ENV, is_job_spec, job_config, load_job
+from raypo.launch.submit import build_submission, render_ray_cli, runtime_env_for_ray
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens here: a test that reaches the network would fail
@@ -70,7 +62,7 @@ def test_qwen32b_needs_two_nodes_or_offload():
     from raypo.launch.plan import make_plan
 
     job = load_job(REPO / "jobs" / "lipo_qwen32b.yaml")
-    assert make_plan(job_config(job)).setup.num_nodes >= 2
+    assert make_plan(job_config(job)).inputs.num_nodes >= 2
     one_node = load_job(REPO / "jobs" / "lipo_qwen32b.yaml", extra_overrides=["scaling.num_workers=8"])
     assert make_plan(job_config(one_node)).fits is False
     offload = load_job(REPO / "jobs" / "lipo_qwen32b.yaml",
@@ -87,7 +79,7 @@ def test_inline_config_travels_exactly(path: Path):
     sub = build_submission(job, cfg)
     carried = json.loads(sub.runtime_env["env_vars"][RUN_CONFIG_ENV])
     assert to_dict(config_from_dict(carried)) == to_dict(cfg)
-    assert sub.entrypoint[:4] == ["python", "-m", "raypo.launch.submit", "run"]
+    assert sub.entrypoint[:4] == ["python", "-m", "raypo.cli.job", "run"]
 
 
 def _shell_argv(command: str, env: dict[str, str]) -> list[str]:
@@ -280,7 +272,7 @@ def test_no_wait_and_follow_exclude_each_other(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The job side: `python -m raypo.launch.submit run ...` and `run-job`
+# The job side: `python -m raypo.cli.job run ...` and `run-job`
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -322,7 +314,7 @@ def test_quickstart_config_is_unchanged_by_jobs():
 def test_sweep_job_runs_the_tune_entrypoint(capsys):
     job = load_job(REPO / "jobs" / "sweep_beta_llama8b.yaml")
     sub = build_submission(job, job_config(job))
-    assert sub.entrypoint[-3:] == ["raypo.launch.submit", "run", "tune"]
+    assert sub.entrypoint[-3:] == ["raypo.cli.job", "run", "tune"]
     env = {RUN_CONFIG_ENV: sub.runtime_env["env_vars"][RUN_CONFIG_ENV]}
     assert run_inline("tune", ["--dry-run"], environ=env) == 0
     out = capsys.readouterr().out
@@ -344,3 +336,40 @@ def test_readme_shows_what_print_ray_cli_prints(capsys):
         return re.sub(r'"raypo_config_sha256": "[0-9a-f]+"', '"raypo_config_sha256": "SHA"', text).strip()
 
     assert normalise(block) == normalise(printed)
+
+
+def test_a_sweep_job_with_a_bad_search_space_is_refused(tmp_path, capsys):
+    """The config layer does not know search spaces; `raypo submit` of a `tune` job checks it, in one list
+    with the config's own problems."""
+    spec = _with(entrypoint="tune", config__data={"train_path": "synthetic://default?num_prompts=16"},
+                 config__tune={"search_space": {"loss.bta": {"loguniform": [0.01, 0.5]}}})
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(spec))
+    assert main(["submit", str(path), "--print-ray-cli"]) == 2
+    assert "config: tune.search_space: unknown key 'loss.bta': did you mean 'loss.beta'?" in \
+        capsys.readouterr().err
+    spec["config"]["optimizer"] = {"lr": -1}
+    path.write_text(json.dumps(spec))
+    assert main(["submit", str(path), "--print-ray-cli"]) == 2
+    err = capsys.readouterr().err
+    assert "config: optimizer.lr=-1.0 must be > 0" in err and "did you mean 'loss.beta'?" in err
+    spec["entrypoint"] = "train"  # a training run ignores the search space
+    spec["config"].pop("optimizer")
+    path.write_text(json.dumps(spec))
+    assert main(["submit", str(path), "--print-ray-cli"]) == 0
+
+
+def test_entry_flags_are_handed_down_by_the_command_line(tmp_path):
+    """The launch layer never imports the CLI: the commands give it the flags their parser accepts."""
+    from raypo.cli.main import command_flags
+    from raypo.launch.jobspec import JobSpecError
+
+    flags = command_flags()
+    assert "--dry-run" in flags["train"] and "--resume" in flags["tune"] and "--help" not in flags["train"]
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(_with(args=["--dryrun"])))
+    load_job(path)  # no flags given: args are left to the command that runs the job
+    with pytest.raises(JobSpecError, match="'--dryrun' is not a flag of `raypo train`"):
+        load_job(path, entry_flags=flags)
+    with pytest.raises(JobSpecError, match="did you mean '--dry-run'"):
+        run_job_here(str(path))

@@ -14,26 +14,24 @@ from launch_helpers import REPO
 
 from raypo.cli import main
 from raypo.config import ConfigError, load_config
+from raypo.launch.catalog import KNOWN_MODELS, resolve_architecture
 from raypo.launch.plan import (
     GIB,
-    KNOWN_MODELS,
-    Architecture,
-    Setup,
+    PlanInputs,
     activation_terms,
-    architecture_from_hf_config,
     gpu_total_bytes,
     head_terms,
     make_plan,
-    resolve_architecture,
     zero3_host_bytes_per_node,
     zero3_model_states_bytes,
 )
+from raypo.model.shape import ModelShape
 
 LLAMA_8B = KNOWN_MODELS["llama-3-8b"]
 QWEN_32B = KNOWN_MODELS["qwen2.5-32b"]
 
 
-def _hf_config(arch: Architecture):
+def _hf_config(arch: ModelShape):
     from transformers import LlamaConfig, Qwen2Config
 
     cls = Qwen2Config if arch.attention_bias else LlamaConfig
@@ -86,7 +84,7 @@ def test_model_states_equal_deepspeeds_estimator(arch, gpus_per_node, nodes, off
     assert ours_cpu == pytest.approx(cpu, abs=1)
 
 
-def _deepspeed_table(arch: Architecture, gpus_per_node: int, nodes: int) -> dict[tuple[bool, bool], float]:
+def _deepspeed_table(arch: ModelShape, gpus_per_node: int, nodes: int) -> dict[tuple[bool, bool], float]:
     """Per-GPU GiB from the table DeepSpeed's ..._all_cold estimator prints (zero_init=1 rows)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
 
@@ -107,7 +105,7 @@ def _deepspeed_table(arch: Architecture, gpus_per_node: int, nodes: int) -> dict
 @pytest.mark.parametrize("arch,nodes,expected", [("llama-3-8b", 1, 18.78), ("qwen2.5-32b", 1, 71.56),
                                                  ("qwen2.5-32b", 2, 37.23)])
 def test_plan_prints_deepspeeds_numbers(arch, nodes, expected):
-    """The no-offload row of DeepSpeed's printed table is the plan's model-state line (design notes 5.3)."""
+    """The no-offload row of DeepSpeed's printed table is the plan's model-state line."""
     a = KNOWN_MODELS[arch]
     table = _deepspeed_table(a, 8, nodes)
     for (opt, par), gib in table.items():
@@ -116,8 +114,8 @@ def test_plan_prints_deepspeeds_numbers(arch, nodes, expected):
     assert table[(False, False)] == expected
 
 
-def _setup(**changes) -> Setup:
-    base = Setup(arch=LLAMA_8B, num_gpus=8, gpus_per_node=8, micro_batch=1, responses=4,
+def _setup(**changes) -> PlanInputs:
+    base = PlanInputs(arch=LLAMA_8B, num_gpus=8, gpus_per_node=8, micro_batch=1, responses=4,
                  responses_per_forward=4, prompt_len=1024, response_len=1024, prefix_sharing=True,
                  checkpointing=True, offload_optimizer=False, offload_params=False, online_reference=True)
     return dataclasses.replace(base, **changes)
@@ -130,7 +128,7 @@ def test_activation_arithmetic():
     a = 8 * 4096 + 2 * (7 * 4096 + 3 * 1024 + 4 * 14336)
     assert activation_terms(s)[0].nbytes == s.tokens * (32 * 2 * 4096 + a)
     assert activation_terms(_setup(checkpointing=False))[0].nbytes == s.tokens * 32 * a
-    # listwise micro-batching: memory of the chunk, not of N
+    # response chunks: memory of the chunk, not of N
     assert _setup(responses=16, responses_per_forward=4).tokens == s.tokens
 
 
@@ -143,7 +141,7 @@ def test_token_budget_bounds_the_tokens_per_forward():
     assert packed < gpu_total_bytes(_setup(micro_batch=8))
     args = [str(REPO / "configs" / "quickstart.yaml"), "plan.model=llama-3-8b", "data.max_prompt_length=1024",
             "data.max_response_length=1024", "train.micro_batch_size=8", "train.token_budget=16384"]
-    assert make_plan(load_config(args[0], args[1:])).setup.tokens == 16384
+    assert make_plan(load_config(args[0], args[1:])).inputs.tokens == 16384
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         main(["plan", *args])
@@ -177,7 +175,7 @@ def test_architecture_sources(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     arch, source = resolve_architecture(load_config(None, [f"model.path={tmp_path}"]))
     assert source.endswith("config.json") and arch.total_params == QWEN_32B.total_params
-    assert architecture_from_hf_config(hf, "x").attention_bias
+    assert ModelShape.from_hf_config(hf, "x").attention_bias
     custom = load_config(None, ["model.path=s3://b/my-model", "plan.hidden_size=1024", "plan.num_layers=4",
                                 "plan.num_heads=8", "plan.num_kv_heads=8", "plan.intermediate_size=4096",
                                 "plan.vocab_size=1000"])
@@ -224,3 +222,32 @@ def test_plan_command_does_not_fit_exits_1(capsys):
 def test_plan_without_a_cluster_gives_no_verdict(capsys):
     assert main(["plan", str(REPO / "configs" / "quickstart.yaml")]) == 0
     assert "no verdict" in capsys.readouterr().out
+
+
+def test_the_log_prob_head_chunk_has_one_source():
+    """The plan models the head with the chunk size the head uses: one constant, in a torch-free module."""
+    from raypo.model import logprobs, shape
+
+    assert logprobs.DEFAULT_HEAD_CHUNK_SIZE is shape.DEFAULT_HEAD_CHUNK_SIZE
+    s = _setup()
+    assert head_terms(s)[0].nbytes == shape.DEFAULT_HEAD_CHUNK_SIZE * 128256 * 10 + 4 * 128256 * 4096
+
+
+def test_known_models_and_tiny_models_are_one_shape_type():
+    from raypo.model.tiny import parse_tiny_spec
+
+    assert all(isinstance(m, ModelShape) and m.name == name for name, m in KNOWN_MODELS.items())
+    tiny, _ = resolve_architecture(load_config(None, ["model.path=tiny://llama?hidden=32&layers=3"]))
+    assert dataclasses.replace(tiny, name="") == parse_tiny_spec("tiny://llama?hidden=32&layers=3").shape
+
+
+def test_planning_code_does_not_import_torch():
+    """The plan's modules, the model shapes and tiny:// URI parsing need no torch (a laptop without it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, raypo.launch.plan, raypo.launch.plan_format, raypo.launch.catalog, raypo.cli.plan; "
+            "from raypo.model.tiny import parse_tiny_spec; parse_tiny_spec('tiny://llama?hidden=32'); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]

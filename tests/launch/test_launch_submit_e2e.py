@@ -118,7 +118,7 @@ def test_raypo_submit_inline_job_spec_dry_run(ray_head: RayHead, tmp_path: Path)
     assert f"storage_path: {storage}" in stdout and "run_name: e2e-inline" in stdout
     info = _job_info(ray_head, _job_id(stdout))
     assert info["status"] == "SUCCEEDED"
-    assert info["entrypoint"] == "python -m raypo.launch.submit run train --dry-run"
+    assert info["entrypoint"] == "python -m raypo.cli.job run train --dry-run"
     env_vars = info["runtime_env"]["env_vars"]
     assert env_vars["RAYPO_E2E"] == "1" and env_vars["RAYPO_E2E_FORWARDED"] == "forwarded-value"
     assert info["metadata"]["raypo_job"] == "e2e-inline" and info["metadata"]["test"] == "e2e"

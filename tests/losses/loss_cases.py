@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from raypo.config import LossConfig
 from raypo.losses import get_loss_spec, list_losses, listwise_loss, neg_log_dispersion
 
 # A copy of spec/loss_vectors.json lives next to this file; RAYPO_LOSS_VECTORS points at another vector file
@@ -242,7 +243,8 @@ def vector_to_call(v: dict[str, Any]) -> VectorCall:
         c = params.pop("c", None)
         if "Hbar_w" in inp:
             hw, hl = _t(inp["Hbar_w"]).reshape(-1), _t(inp["Hbar_l"]).reshape(-1)
-            kwargs["dispersion"] = neg_log_dispersion((hw, hl), c=0.29 if c is None else c)
+            c = LossConfig().dispersion_c if c is None else c
+            kwargs["dispersion"] = neg_log_dispersion((hw, hl), c=c)
         elif "neg_log_dispersion" in inp:
             kwargs["dispersion"] = _t(inp["neg_log_dispersion"]).reshape(-1)
         elif "phi" in params:  # a Mallows dispersion varphi in (0, 1)

@@ -85,8 +85,9 @@ def test_saved_dir_loads_and_runs(tiny_model_dir):
 
 def test_parse_tiny_spec():
     spec = parse_tiny_spec("tiny://llama?hidden=32&layers=1&num_heads=2&kv_heads=1&tie_embeddings=true&seed=7")
-    assert (spec.hidden, spec.layers, spec.heads, spec.kv_heads, spec.tie_embeddings, spec.seed) == (
-        32, 1, 2, 1, True, 7)
+    shape = spec.shape
+    assert (shape.hidden_size, shape.num_layers, shape.num_heads, shape.num_kv_heads,
+            shape.tie_word_embeddings, spec.seed) == (32, 1, 2, 1, True, 7)
     assert parse_tiny_spec("tiny://llama") == TinySpec()
     with pytest.raises(ValueError, match="unknown key 'width'"):
         parse_tiny_spec("tiny://llama?width=3")
@@ -103,3 +104,17 @@ def test_resolve_tiny_spec_caches(tmp_path):
     second = resolve_tiny_spec(uri, cache_dir=tmp_path)
     assert first == second and (second / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftover temp dirs
+
+
+def test_tiny_spec_is_a_model_shape_and_its_cache_key_is_stable(tiny_tokenizer):
+    from raypo.model.shape import ModelShape
+    from raypo.model.tiny import TINY_SHAPE, tiny_llama_config
+
+    spec = TinySpec()
+    assert isinstance(spec.shape, ModelShape) and spec.shape == TINY_SHAPE
+    # cached tiny models stay valid: the key is the one written before the shape had its own type
+    assert spec.cache_key() == ("archllama-hidden64-layers2-heads4-kv_heads2-intermediate128-vocab512-"
+                                "max_positions2048-tie_embeddings0-seed0")
+    config = tiny_llama_config(spec.with_options(hidden=32, tie_embeddings=True), tiny_tokenizer)
+    assert (config.hidden_size, config.num_hidden_layers, config.tie_word_embeddings) == (32, 2, True)
+    assert config.vocab_size == len(tiny_tokenizer)

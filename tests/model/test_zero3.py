@@ -1,7 +1,7 @@
-"""ZeRO-3 (DeepSpeed on gloo, 2 CPU processes): the chunked head and listwise micro-batching stay exact.
+"""ZeRO-3 (DeepSpeed on gloo, 2 CPU processes): the chunked head and response chunks stay exact.
 
-Checks that the lm_head route of :mod:`raypo.model.logprobs` gathers the partitioned weight in forward and backward,
-that response chunks accumulate (not overwrite) gradient partitions, and that two ranks with different N_b
+Checks that the lm_head route of :mod:`raypo.model.logprobs` gathers the partitioned weight in forward and
+backward, that response chunks accumulate (not overwrite) gradient partitions, and that two ranks with different N_b
 but an agreed width N give the gradient of one process over the union batch.
 """
 

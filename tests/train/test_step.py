@@ -293,7 +293,7 @@ def test_token_budget_packing_gives_the_unpacked_step(variant, tiny_model_dir, t
 
 
 def test_response_chunks_of_one_give_the_direct_step(tiny_model_dir, tokenized_rows, single_process_group):
-    """Listwise micro-batching one response at a time (train.response_chunk_size=1) on ragged N, over a
+    """Response chunks of one response (train.response_chunk_size=1) on ragged N, over a
     step of two micro-batches of different widths: same loss and weights as all responses at once; the
     chunk count (from the agreed maximum N of each micro-batch) sets the forward count."""
     rows, dims = tokenized_rows

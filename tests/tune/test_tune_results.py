@@ -12,17 +12,17 @@ import pytest
 
 from raypo.config import load_config
 from raypo.train.lambda_schedules import from_results_table, read_results_table
-from raypo.tune.sweep import (
+from raypo.tune.results import (
     STATUS_COMPLETED,
     STATUS_ERROR,
     STATUS_STOPPED,
     best_row,
     format_table,
-    plan_sweep,
     sort_table,
     trial_row,
     write_results,
 )
+from raypo.tune.sweep import plan_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

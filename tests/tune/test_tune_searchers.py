@@ -18,7 +18,9 @@ import pytest
 
 import raypo.tune.sweep as raypo_tune
 from raypo.config import load_config
-from raypo.tune.sweep import TrialSetup, build_tuner, plan_sweep, report_results, results_table, run_sweep
+from raypo.tune.results import report_results, results_table
+from raypo.tune.sweep import build_tuner, plan_sweep, run_sweep
+from raypo.tune.trials import TrialSetup
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +28,9 @@ METRIC = "eval/pairwise_accuracy"
 
 
 def stand_in_trainable(setup):
-    """Replaces :func:`raypo.tune.sweep.make_trainable`: a trial of 4 steps whose metric grows with beta (ipo gets
-    a bonus). Defined inside, so Ray pickles it by value (workers cannot import a test module)."""
+    """Replaces :func:`raypo.tune.trials.make_trainable` in :mod:`raypo.tune.sweep`: a trial of 4 steps whose
+    metric grows with beta (ipo gets a bonus). Defined inside, so Ray pickles it by value (workers cannot
+    import a test module)."""
 
     def trial(config):
         from ray import tune

@@ -10,22 +10,19 @@ from pathlib import Path
 import pytest
 
 from raypo.cli import main
+from raypo.cli.tune import load_sweep
 from raypo.config import ConfigError, load_config, to_dict, to_yaml
-from raypo.tune.sweep import (
-    TrialSetup,
-    _base_for_trials,
+from raypo.tune.simplex import simplex_points
+from raypo.tune.space import (
     apply_overrides,
-    check_resume_config,
-    derive_max_concurrent_trials,
+    base_for_trials,
     num_trials,
     parse_search_space,
-    plan_sweep,
     representative_points,
-    share_decision,
-    simplex_points,
-    trial_config,
     trial_overrides,
 )
+from raypo.tune.sweep import check_resume_config, derive_max_concurrent_trials, plan_sweep, share_decision
+from raypo.tune.trials import TrialSetup, trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = ["model.path=tiny://llama", "data.train_path=synthetic://default?num_prompts=16&seed=0",
@@ -39,7 +36,8 @@ def sweep_config(tmp_path: Path, tune_yaml: str, extra: str = ""):
 
 
 def load(tmp_path: Path, tune_yaml: str, extra: str = "", overrides: tuple[str, ...] = ()):
-    return load_config(sweep_config(tmp_path, tune_yaml, extra), [*BASE, *overrides])
+    """The sweep's config through ``raypo tune``'s entry point, which checks the search space."""
+    return load_sweep(sweep_config(tmp_path, tune_yaml, extra), [*BASE, *overrides]).cfg
 
 
 def problems_of(tmp_path: Path, tune_yaml: str, extra: str = "", overrides: tuple[str, ...] = ()) -> str:
@@ -94,7 +92,7 @@ def test_nested_form_and_command_line_override_are_the_flat_form(tmp_path):
 
 
 def test_the_job_spec_sweep_uses_this_format():
-    from raypo.launch.submit import job_config, load_job
+    from raypo.launch.jobspec import job_config, load_job
 
     cfg = job_config(load_job(REPO / "jobs" / "sweep_beta_llama8b.yaml"))
     sweep = plan_sweep(cfg, "jobs/sweep_beta_llama8b.yaml")
@@ -247,7 +245,7 @@ def test_a_trial_config_is_the_base_plus_its_sample_named_after_the_trial(tmp_pa
                overrides=("checkpoint.export_path=/tmp/x",))
     sweep = plan_sweep(cfg, str(tmp_path / "sweep.yaml"))
     assert sweep.name == "tune-sweep"
-    setup = TrialSetup(base=_base_for_trials(cfg), dims=sweep.dims, train_runs=sweep.train_runs,
+    setup = TrialSetup(base=base_for_trials(cfg), dims=sweep.dims, train_runs=sweep.train_runs,
                        metric=cfg.tune.metric, reference_cache="/cache")
     trial = trial_config(setup, {"loss.beta": 0.0421}, "abc12_00003")
     assert trial.loss.beta == 0.0421
@@ -362,21 +360,21 @@ def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
 def test_optuna_search_takes_the_space_and_a_missing_searcher_names_the_fix(tmp_path, monkeypatch):
     import importlib.util
 
-    from raypo.tune.sweep import _search_algorithm, param_space
+    from raypo.tune.sweep import build_search_algorithm, param_space
 
     cfg = load(tmp_path, "search_space:\n  loss.beta: {loguniform: [0.01, 0.5]}\n"
                          "  loss.name: {choice: [dpo, ipo]}\nsearch_alg: optuna\n")
     if importlib.util.find_spec("optuna") is not None:
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = _search_algorithm(cfg)
+        searcher = build_search_algorithm(cfg)
         assert isinstance(searcher, OptunaSearch)
         space = OptunaSearch.convert_search_space(param_space(plan_sweep(cfg).dims))
         assert set(space) == {"loss.beta", "loss.name"}
     monkeypatch.setitem(__import__("sys").modules, "hyperopt", None)  # as if not installed
     hyper = load(tmp_path, "search_space:\n  loss.beta: {loguniform: [0.01, 0.5]}\nsearch_alg: hyperopt\n")
     with pytest.raises(ConfigError, match="needs the hyperopt package on the driver: pip install hyperopt"):
-        _search_algorithm(hyper)
+        build_search_algorithm(hyper)
 
 
 def test_asha_rungs_are_replayed_from_finished_trials_after_a_restore(tmp_path):
@@ -387,7 +385,7 @@ def test_asha_rungs_are_replayed_from_finished_trials_after_a_restore(tmp_path):
 
     from pyarrow import fs
 
-    from raypo.tune.sweep import _scheduler
+    from raypo.tune.sweep import build_scheduler
 
     cfg = load(tmp_path, "search_space:\n  loss.beta: {loguniform: [0.01, 0.5]}\ngrace_period: 5\n")
     metric = cfg.tune.metric
@@ -401,7 +399,7 @@ def test_asha_rungs_are_replayed_from_finished_trials_after_a_restore(tmp_path):
                                storage=SimpleNamespace(storage_filesystem=fs.LocalFileSystem()))
 
     def resumed_scheduler(replay: bool):
-        sched = _scheduler(cfg)
+        sched = build_scheduler(cfg)
         if not replay:
             from ray.tune.schedulers import AsyncHyperBandScheduler
 

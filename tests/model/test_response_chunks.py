@@ -1,4 +1,4 @@
-"""Listwise micro-batching in response chunks gives the direct path's loss and gradients."""
+"""Response chunking gives the direct path's loss and gradients."""
 
 from __future__ import annotations
 
