@@ -16,7 +16,8 @@ from torch import Tensor
 from raypo.config import LossConfig
 from raypo.losses import get_loss_spec, list_losses, listwise_loss, neg_log_dispersion
 
-# A copy of spec/loss_vectors.json lives next to this file; RAYPO_LOSS_VECTORS points at another vector file
+# A copy of tests/losses/loss_vectors.json lives next to this file; RAYPO_LOSS_VECTORS points at another
+# vector file
 # of the same form (e.g. a held-back set).
 BUNDLED_VECTORS_PATH = Path(__file__).with_name("loss_vectors.json")
 VECTORS_PATH = Path(os.environ.get("RAYPO_LOSS_VECTORS", BUNDLED_VECTORS_PATH))
@@ -76,7 +77,8 @@ INFO_PARAMS = ("m", "N", "K", "B", "order", "logp_kind", "target")
 
 def _num(x: Any) -> float:
     """One JSON leaf -> float. Numbers and bools as they are; None, "N/A", "" and anything else that does
-    not parse -> NaN (spec 3.2: such a rating is missing; at padding the value is never read)."""
+    not parse -> NaN (docs/loss_reference.md §3.2: such a rating is missing; at padding the value is never
+    read)."""
     if isinstance(x, (bool, int, float)):
         return float(x)
     if isinstance(x, str):

@@ -96,7 +96,8 @@ def test_fixed_onehot_cycle() -> None:
 
 
 def test_dirichlet_uniform_vs_normalized_uniform_statistics() -> None:
-    """spec 3.4: for m = 4, Var(lambda_1) = 0.0375 (Dirichlet(1)) vs 0.0196 (normalised torch.rand)."""
+    """docs/loss_reference.md §3.4: for m = 4, Var(lambda_1) = 0.0375 (Dirichlet(1)) vs 0.0196 (normalised
+    torch.rand)."""
     dirichlet = build_lambda_schedule(_cfg("uniform", seed=0)).sample(40000, dtype=torch.float64)
     norm_u = build_lambda_schedule(_cfg("normalized_uniform", seed=0)).sample(40000, dtype=torch.float64)
     assert dirichlet[:, 0].var().item() == pytest.approx(0.0375, abs=0.0015)

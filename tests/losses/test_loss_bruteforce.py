@@ -78,7 +78,8 @@ def test_lipo_lambda_against_loops(scale: str, normalize: bool, topn: int | None
 
 
 def _allrank_lambda_rank(s: list[float], y: list[float], log: str = "natural", eps: float = 1e-10) -> float:
-    """spec 2.10, allRank lambdaLoss(weighing_scheme="lambdaRank_scheme", reduction="sum") on one list
+    """docs/loss_reference.md §2.10, allRank lambdaLoss(weighing_scheme="lambdaRank_scheme", reduction="sum")
+    on one list
     (valid items only, no ties in s): positions after sorting the predictions descending, D = log2(1 + pos),
     G = (2^y - 1) / maxDCG, Delta_ij = |1/D_i - 1/D_j| * |G_i - G_j|, loss = -sum_{y_i > y_j} log(
     sigma(s_i - s_j)^Delta_ij) (natural or binary log)."""
@@ -98,7 +99,8 @@ def _allrank_lambda_rank(s: list[float], y: list[float], log: str = "natural", e
 
 
 def test_lipo_lambda_sum_is_allrank_lambda_loss() -> None:
-    """spec 2.10: allRank's lambdaLoss with lambdaRank_scheme and natural log = lipo_lambda_loss(
+    """docs/loss_reference.md §2.10: allRank's lambdaLoss with lambdaRank_scheme and natural log =
+    lipo_lambda_loss(
     normalize=True, scale="none", reduction="sum"); its default binary log is that / ln 2."""
     policy, ref, psi, mask, lengths = _batch(5)
     policy[1, 1] += 0.37  # no ties in s (allRank's torch sort leaves the order of ties unspecified)

@@ -77,7 +77,7 @@ def test_identity_4_softmax_ce_one_hot_n2_is_dpo() -> None:
 
 
 def test_softmax_n2_soft_labels_is_cdpo() -> None:
-    """spec 2.5: psi = (a, b) gives cDPO with eps = b / (a + b)."""
+    """docs/loss_reference.md §2.5: psi = (a, b) gives cDPO with eps = b / (a + b)."""
     a, b = 0.7, 0.2
     for beta, policy, ref in _pairs(41, 5):
         got = listwise_loss("lipo_softmax", policy, ref, scores=torch.tensor([[a, b]], dtype=D64),

@@ -1,5 +1,5 @@
 """MallowsPO specifics: the exact Mallows-Kendall link (accuracy, stability, the gradient at 0) and the
-dispersion estimator (spec 4.3, 4.4)."""
+dispersion estimator (docs/loss_reference.md §4.3, 4.4)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def test_link_jump_at_zero_and_convention() -> None:
     g0 = mallows_phi_link(torch.tensor([0.0], dtype=D64), phi).item()
     g0p = mallows_phi_link(torch.tensor([1e-12], dtype=D64), phi).item()
     assert g0 == 0.5
-    assert g0p == pytest.approx(1 / (1 - phi) + 1 / math.log(phi), rel=1e-9)  # 0.5573 (spec 4.4)
+    # 0.5573 (docs/loss_reference.md §4.4)
+    assert g0p == pytest.approx(1 / (1 - phi) + 1 / math.log(phi), rel=1e-9)
     assert g0p == pytest.approx(0.5573, abs=1e-4)
 
 
@@ -100,7 +101,7 @@ def test_gradient_near_zero_is_well_defined() -> None:
     assert grads[-1e-9].item() == pytest.approx(left, rel=1e-4)
     assert grads[0.0].item() == pytest.approx(0.5 * (left + right), rel=1e-4)
     assert grads[0.0].item() < 0
-    # Closed form of spec 4.4 check: g'(0+) = 1/2 + B'(a) = 0.1137 at phi = 1/2.
+    # Closed form of docs/loss_reference.md §4.4 check: g'(0+) = 1/2 + B'(a) = 0.1137 at phi = 1/2.
     g0 = 1 / (1 - 0.5) + 1 / math.log(0.5)
     assert -right * g0 == pytest.approx(0.5 + (1 - 2 * math.log(2)), rel=1e-4)
 

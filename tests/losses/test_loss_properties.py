@@ -27,7 +27,8 @@ NAMES = [
 
 
 def test_registry_has_every_required_loss() -> None:
-    # DESIGN.md's names, plus mallows_ipo (spec 4.2) and the spec 3.3 baseline ultrafb_best_worst_dpo.
+    # The losses of the contract, plus mallows_ipo (docs/loss_reference.md §4.2) and the
+    # docs/loss_reference.md §3.3 baseline ultrafb_best_worst_dpo.
     assert set(NAMES) | {"mallows_ipo", "ultrafb_best_worst_dpo"} == set(ALL_LOSSES)
 
 
@@ -101,7 +102,8 @@ def test_micro_batch_additivity(name: str, hp: dict) -> None:
     """Numerators and denominators of micro-batches add up to those of the concatenated batch, so
     sum(num) / sum(den) (and its gradient) equals the full-batch loss.
 
-    Documented exception: LiPO's ``reduction="sum"`` (allRank's plain sum, spec 2.10) has denominator 1 in
+    Documented exception: LiPO's ``reduction="sum"`` (allRank's plain sum, docs/loss_reference.md §2.10) has
+    denominator 1 in
     every non-empty micro-batch; its numerators (and their gradients) still add up, and the full batch's
     loss is their sum."""
     case = _with(make_case(name, batch=7, n=6, seed=4), hp)
@@ -383,7 +385,8 @@ def test_registry_fields_and_defaults() -> None:
     assert LOSS_REGISTRY["simpo"].reference_free and not LOSS_REGISTRY["simpo"].uses_reference()
     assert LOSS_REGISTRY["lambda_dpo"].needs_lambda
     assert LOSS_REGISTRY["lambda_dpo"].labels == "per_dimension_scores"
-    ultrafb = LOSS_REGISTRY["ultrafb_best_worst_dpo"]  # spec 3.3: DPO on length-normalised log-probs
+    # docs/loss_reference.md §3.3: DPO on length-normalised log-probs
+    ultrafb = LOSS_REGISTRY["ultrafb_best_worst_dpo"]
     assert ultrafb.fn is LOSS_REGISTRY["dpo"].fn and ultrafb.labels == "per_dimension_scores"
     assert ultrafb.logp_reduction == "mean" and not ultrafb.needs_lambda
     assert LOSS_REGISTRY["ipo"].logp_reduction == "mean" and LOSS_REGISTRY["dpo"].logp_reduction == "sum"
@@ -540,7 +543,8 @@ def test_lipo_sum_reduction_is_the_plain_sum(loss: str) -> None:
 
 
 def test_simpo_explicit_gamma_wins_over_ratio() -> None:
-    """spec 3.3 / 10.10: an absolute gamma (LLaMA-Factory's simpo_gamma) next to the official default ratio
+    """docs/loss_reference.md §3.3 / 10.10: an absolute gamma (LLaMA-Factory's simpo_gamma) next to the
+    official default ratio
     0.25 is not an error: the explicit gamma is used."""
     avg = torch.tensor([[-0.9, -1.3], [-1.1, -1.0]], dtype=D64)
     got = listwise_loss("simpo", avg, None, beta=2.5, gamma=0.5, gamma_beta_ratio=0.25)
@@ -553,12 +557,13 @@ def test_simpo_explicit_gamma_wins_over_ratio() -> None:
         listwise_loss("simpo", avg, None, gamma=float("nan"))
 
 
-# Pairwise losses on per-dimension ratings (spec 3.3) ------------------------------------------------
+# Pairwise losses on per-dimension ratings (docs/loss_reference.md §3.3) -------------------------------------
 
 
 def _ultrafb_pick(ratings: list[list[list[float]]], valid: list[list[bool]], temperature: float
                   ) -> list[tuple[int, int]]:
-    """Direct spec 3.3: aggregate = mean_k softmax_valid(R_k / T) (missing -> 1.0); best = argmax, worst =
+    """docs/loss_reference.md §3.3 directly: aggregate = mean_k softmax_valid(R_k / T) (missing -> 1.0); best
+    = argmax, worst =
     argmin, first occurrence."""
     picks = []
     for rows, ok in zip(ratings, valid):
@@ -579,7 +584,8 @@ def _ultrafb_pick(ratings: list[list[list[float]]], valid: list[list[bool]], tem
 
 @pytest.mark.parametrize("temperature", [1.0, 100.0])
 def test_pairwise_losses_take_per_dimension_ratings(temperature: float) -> None:
-    """[B, N, m] ratings: best / worst by the mean over dimensions of softmax(R_k / T), then DPO (spec 3.3,
+    """[B, N, m] ratings: best / worst by the mean over dimensions of softmax(R_k / T), then DPO
+    (docs/loss_reference.md §3.3,
     also registered as ultrafb_best_worst_dpo)."""
     nan = math.nan
     ratings = [
@@ -627,7 +633,7 @@ def test_rated_pair_selection_equals_aggregated_scalar_scores(name: str) -> None
     assert rated.denominator.item() == scalar.denominator.item()
 
 
-# NCA pairwise variants (spec 6.1) ---------------------------------------------------------------------
+# NCA pairwise variants (docs/loss_reference.md §6.1) --------------------------------------------------------
 
 
 def test_nca_pair_and_biased_variants_formulas() -> None:
@@ -659,7 +665,8 @@ def test_nca_pair_and_biased_variants_formulas() -> None:
 
 @pytest.mark.parametrize("variant", ["pair", "biased"])
 def test_nca_pair_variants_gradient_signs(variant: str) -> None:
-    """spec 7 identity 17 for the pairwise forms: dL/dtheta_w < 0 < dL/dtheta_l at policy = reference."""
+    """docs/loss_reference.md §7 identity 17 for the pairwise forms: dL/dtheta_w < 0 < dL/dtheta_l at policy
+    = reference."""
     ref = torch.tensor([[-50.0, -40.0]], dtype=D64)
     policy = ref.clone().requires_grad_(True)
     out = listwise_loss("nca", policy, ref, variant=variant)

@@ -1,4 +1,4 @@
-"""Every reference vector of spec/loss_vectors.json (float64): loss rtol 1e-9, gradient atol 1e-6."""
+"""Every reference vector of tests/losses/loss_vectors.json (float64): loss rtol 1e-9, gradient atol 1e-6."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ LOSS_VECTORS = [v for v in VECTORS if v["expected"].get("loss") is not None]
 
 
 def _skipped_batch(v: dict) -> bool:
-    """A loss vector whose batch value is None because every prompt is skipped (spec 5: MPO)."""
+    """A loss vector whose batch value is None because every prompt is skipped (docs/loss_reference.md §5:
+    MPO)."""
     if v["expected"].get("loss") is not None or vector_loss_name(v) not in list_losses():
         return False
     per_prompt = v["expected"].get("per_prompt")
@@ -146,7 +147,7 @@ def check_vector_derived(v: dict) -> int:
         per_dim = out.metrics["L_k_sum"] / out.denominator
         _assert_close_given(per_dim, tensor_like(exp["L_k"], per_dim.shape), atol=1e-11, rtol=0)
         checked += 1
-    if exp.get("per_prompt") is not None:  # null = a skipped prompt (spec 5)
+    if exp.get("per_prompt") is not None:  # null = a skipped prompt (docs/loss_reference.md §5)
         given = [x for x in exp["per_prompt"] if x is not None]
         assert out.numerator.item() == pytest.approx(sum(given), rel=1e-9, abs=1e-12)
         checked += 1
@@ -287,7 +288,8 @@ def _forms_lipo_padding() -> list[dict]:
 
 
 def _forms_mpo_skipped_prompt() -> list[dict]:
-    """mpo_N4_alpha0 plus a prompt whose scores are all equal (skipped: per_prompt null, spec 5), padded with
+    """mpo_N4_alpha0 plus a prompt whose scores are all equal (skipped: per_prompt null,
+    docs/loss_reference.md §5), padded with
     nulls or given as a shorter (ragged) row."""
     base = _vector("mpo_N4_alpha0")
     second_theta, second_ref = [-150.25, -149.5, -160.0], [-151.0, -150.75, -158.5]
@@ -313,7 +315,8 @@ def _forms_mpo_skipped_prompt() -> list[dict]:
 
 
 def _forms_lambda_dpo_na() -> list[dict]:
-    """The official lambda-DPO vector with a rating of 1.0 given as "N/A" / null / "" (spec 3.2: a missing
+    """The official lambda-DPO vector with a rating of 1.0 given as "N/A" / null / "" (docs/loss_reference.md
+    §3.2: a missing
     rating becomes default_rating = 1.0, so every expected value stays the same)."""
     out = []
     for missing in ("N/A", None, ""):

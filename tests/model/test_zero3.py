@@ -1,8 +1,8 @@
 """ZeRO-3 (DeepSpeed on gloo, 2 CPU processes): the chunked head and response chunks stay exact.
 
 Checks that the lm_head route of :mod:`raypo.model.logprobs` gathers the partitioned weight in forward and
-backward, that response chunks accumulate (not overwrite) gradient partitions, and that two ranks with different N_b
-but an agreed width N give the gradient of one process over the union batch.
+backward, that response chunks accumulate (not overwrite) gradient partitions, and that two ranks with
+different N_b but an agreed width N give the gradient of one process over the union batch.
 """
 
 from __future__ import annotations
