@@ -87,3 +87,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_llama")
     save_tiny_model(out, seed=0)
     return out
+
+
+def _curve_pixels(png: bytes) -> int:
+    """How many pixels of a PNG are coloured (a plotted line), not white, grey or black (axes, text)."""
+    import io
+
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3]
+    return int(((rgb.max(-1) - rgb.min(-1)) > 0.2).sum())
+
+
+@pytest.fixture
+def curve_pixels():
+    """``curve_pixels(png) -> int``: coloured pixels of a plot; 0 for a plot with no line drawn."""
+    return _curve_pixels

@@ -14,7 +14,8 @@ import raypo
 # Lowest first. A module may import modules of its own layer or of a layer below it, never above.
 # ``losses`` sits below ``config``: it is a pure tensor library that knows nothing of runs, and the config
 # checks loss names and hyperparameters against its registry. ``model`` sits below ``data``: the data
-# pipeline's tokenizer stage loads tokenizers from model sources (raypo.model.loading).
+# pipeline's tokenizer stage loads tokenizers from model sources (raypo.model.loading). ``report`` reads the
+# files runs and sweeps write and imports nothing above ``train``.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "storage", "testing", "__init__"),
     ("losses",),
@@ -22,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model",),
     ("data",),
     ("train",),
-    ("eval",),
+    ("eval", "report"),
     ("tune",),
     ("launch",),
     ("cli",),

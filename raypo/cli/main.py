@@ -1,9 +1,9 @@
-"""The ``raypo`` command: train | tune | submit | data | export | plan.
+"""The ``raypo`` command: train | tune | submit | data | export | plan | report.
 
 Each subcommand parses its arguments here and hands off to its module under ``raypo/cli/`` (``train.py``,
-``tune.py``, ``submit.py``, ``data.py``, ``export.py``, ``plan.py``), imported lazily so ``raypo --help``
-stays fast; ``raypo.cli.job`` is the cluster side of ``raypo submit``. Configuration problems are printed
-as one list and exit with status 2 before any cluster work starts.
+``tune.py``, ``submit.py``, ``data.py``, ``export.py``, ``plan.py``, ``report.py``), imported lazily so
+``raypo --help`` stays fast; ``raypo.cli.job`` is the cluster side of ``raypo submit``. Configuration
+problems are printed as one list and exit with status 2 before any cluster work starts.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def _add_data_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    """export, plan."""
+    """export, plan, report."""
     p = sub.add_parser("export", help="export a training checkpoint to Hugging Face safetensors",
                        description="Write CHECKPOINT as a Hugging Face model directory (safetensors + "
                                    "tokenizer) at OUT.")
@@ -164,6 +164,17 @@ def _add_model_commands(sub) -> None:
                                    "log-prob head) and say whether the job fits.")
     _add_config_args(p)
     p.set_defaults(func=_handler("raypo.cli.plan", "plan_command"))
+
+    p = sub.add_parser("report", help="turn a run or sweep directory into one shareable HTML/Markdown page",
+                       description="Write a self-contained report of a run (config, loss and metric curves, "
+                                   "eval table per dimension, data report, timings, export path) or of a "
+                                   "sweep (results table, plots, best config).")
+    p.add_argument("run", help="run directory (<checkpoint.storage_path>/<run_name>) or sweep directory")
+    p.add_argument("--out", default=None, help="output file (default: RUN/report.html or RUN/report.md)")
+    p.add_argument("--format", choices=("html", "md"), default=None,
+                   help="html (one file, images inlined; default) or md (PNG files beside it); default "
+                        "from --out's suffix")
+    p.set_defaults(func=_handler("raypo.cli.report", "report_command"))
 
 
 def command_flags(parser: Optional[argparse.ArgumentParser] = None) -> dict[str, list[str]]:

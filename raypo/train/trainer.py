@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +29,7 @@ class PreparedDatasets:
     train: Any
     eval: Any
     dimensions: list[str]
+    data_report: Optional[dict[str, Any]] = None  # ValidationReport.to_dict(), kept with the run
 
 
 @dataclass
@@ -184,7 +186,7 @@ def prepare_datasets(cfg: RaypoConfig, *, reference_cache: Optional[str] = None,
 
         train_ds, eval_ds = (add_reference_logprobs(ds, cfg, ref_path, with_entropy=with_entropy)
                              for ds in (train_ds, eval_ds))
-    return PreparedDatasets(train_ds, eval_ds, list(report.dimensions or []))
+    return PreparedDatasets(train_ds, eval_ds, list(report.dimensions or []), report.to_dict())
 
 
 def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
@@ -214,6 +216,7 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     storage_path, storage_fs = storage_location(cfg)
     name = run_name(cfg)
     local_run_dir = local_run_directory(cfg)
+    write_run_files(local_run_dir, cfg, precomputed_datasets.data_report)
     tb_dir = os.path.join(local_run_dir, "tensorboard") if cfg.logging.tensorboard else None
     progress = ProgressCallback(cfg.train.max_steps, tb_dir, os.path.join(local_run_dir, "metrics.jsonl"))
     all_callbacks = [progress, *(callbacks or [])]
@@ -234,6 +237,39 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling, run_config=run_config, datasets=datasets,
         dataset_config=data_config(datasets))
+
+
+def write_run_files(local_run_dir: str, cfg: RaypoConfig, data_report: Optional[dict[str, Any]]) -> None:
+    """``config.yaml`` (the full config) and ``data_report.json`` beside the run's metric history, for
+    ``raypo report`` (:mod:`raypo.report.artifacts`)."""
+    import json
+
+    from raypo.config import to_yaml
+
+    os.makedirs(local_run_dir, exist_ok=True)
+    files = {"config.yaml": to_yaml(cfg)}
+    if data_report is not None:
+        files["data_report.json"] = json.dumps(data_report, indent=1, default=str)
+    for name, text in files.items():
+        tmp = os.path.join(local_run_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(local_run_dir, name))
+
+
+def write_run_summary(cfg: RaypoConfig, result: TrainResult, wall_s: float) -> None:
+    """``raypo_summary.json``: how the run ended (final checkpoint, export, wall time, last metrics)."""
+    import json
+
+    path = os.path.join(local_run_directory(cfg), "raypo_summary.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    summary = {"run_name": run_name(cfg), "run_dir": result.run_dir, "checkpoint": result.checkpoint,
+               "export_dir": result.export_dir, "wall_s": wall_s,
+               "metrics": {k: v for k, v in (result.metrics or {}).items()
+                           if isinstance(v, (int, float, str))}}
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    os.replace(f"{path}.tmp", path)
 
 
 def init_ray(cfg: RaypoConfig) -> None:
@@ -324,6 +360,7 @@ def run_training(cfg: RaypoConfig) -> TrainResult:
             return _completed_run(cfg, *latest)
         print(f"raypo: run {name!r} exists with the same config; resuming it from its latest checkpoint "
               "(set checkpoint.run_name to start a new run)", flush=True)
+    started = time.time()
     init_ray(cfg)
     result = build_trainer(cfg).fit()
     ckpt = result.checkpoint
@@ -331,7 +368,8 @@ def run_training(cfg: RaypoConfig) -> TrainResult:
     if ckpt is not None and cfg.checkpoint.export_path:
         with ckpt.as_directory() as local:
             export_dir = _export(cfg, local)
-    storage_path, _ = storage_location(cfg)
-    return TrainResult(run_dir=f"{cfg.checkpoint.storage_path.rstrip('/')}/{run_name(cfg)}",
+    done = TrainResult(run_dir=f"{cfg.checkpoint.storage_path.rstrip('/')}/{run_name(cfg)}",
                        checkpoint=ckpt.path if ckpt is not None else None, export_dir=export_dir,
                        metrics=dict(result.metrics or {}))
+    write_run_summary(cfg, done, time.time() - started)
+    return done

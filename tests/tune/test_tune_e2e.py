@@ -240,3 +240,22 @@ def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluste
     np.testing.assert_allclose(state["probs"], fitted.probs, rtol=1e-9)
     np.testing.assert_allclose(state["weights"], fitted.weights, rtol=1e-9, atol=1e-12)
     assert state["num_samples"] == 2  # one lambda draw per step
+
+
+def test_raypo_report_on_the_sweep(sweep, curve_pixels):
+    """``raypo report`` on this real sweep: the results table, the sweep's plots and the tuned metric of
+    every trial against the step, with curves drawn."""
+    import base64
+    import re
+
+    from raypo.cli.main import main
+
+    out = sweep["experiment"] / "report.html"
+    assert main(["report", str(sweep["experiment"])]) == 0
+    page = out.read_text()
+    for trial_id in sweep["ids"]:
+        assert f"<td>{trial_id}</td>" in page
+    assert "stopped early" in page and "Best trial&#x27;s config" in page
+    images = dict(re.findall(r"alt='([^']+)' src='data:image/png;base64,([^']+)'", page))
+    assert {"metric vs lambda", f"trials {METRIC.replace('/', '_').replace('_', ' ')}"} <= set(images)
+    assert all(curve_pixels(base64.b64decode(png)) > 100 for png in images.values())
