@@ -8,6 +8,8 @@ One group, one prompt of P tokens and N responses of R tokens; the policy's per-
                     (``model.attention: sdpa``)
     shared_blocks:  the same row, attention on the allowed blocks only              tokens P + N R
                     (``prefix_sdpa``, :mod:`raypo.model.attention`; the default, ``auto``)
+    shared_cascade: the same row, cascade attention (prompt keys once per group,     tokens P + N R
+                    merged by log-sum-exp; ``cascade``, :mod:`raypo.model.cascade`)
     unshared:       N rows [prompt | r_i] (sdpa, causal + padding)                   tokens N (P + R)
 
 Ideal speedup (token count): rho = N (P + R) / (P + N R). The log-prob head runs on the N R response
@@ -58,10 +60,12 @@ def rho_flops(n: int, p: int, r: int, shape: ModelShape) -> float:
 
 # layout variants: (prefix_sharing, transformers attention implementation)
 VARIANTS = {"shared": (True, "sdpa"), "shared_blocks": (True, "raypo_prefix_sdpa"),
+            "shared_cascade": (True, "raypo_cascade"),
             "unshared": (False, "sdpa")}
 
 
 def _step(model, batch, variant: str):
+    import raypo.model.cascade  # noqa: F401 - registers the cascade backend
     from raypo.model.listwise import grouped_logprobs
 
     shared, attention = VARIANTS[variant]
@@ -103,6 +107,7 @@ def run_case(model, shape: ModelShape, n: int, p: int, r: int, *, rounds: int, m
 
     ``speedup`` / ``of_rho``: the dense-mask shared layout (``model.attention: auto``/``sdpa``);
     ``speedup_blocks`` / ``of_rho_blocks``: the block backend (``model.attention: prefix_sdpa``).
+    ``speedup_cascade`` / ``of_rho_cascade``: cascade attention (``model.attention: cascade``).
     """
     batch = _batch(n, p, r, shape.vocab_size)
     times = interleaved_times({v: _step(model, batch, v) for v in VARIANTS}, rounds=rounds)
@@ -112,6 +117,7 @@ def run_case(model, shape: ModelShape, n: int, p: int, r: int, *, rounds: int, m
            "unshared_s": min(times["unshared"]), "rho": rho(n, p, r), "rho_flops": rho_flops(n, p, r, shape)}
     _speedups(row, times, "shared", "")
     _speedups(row, times, "shared_blocks", "_blocks")
+    _speedups(row, times, "shared_cascade", "_cascade")
     if memory != "off":
         for variant in VARIANTS:
             case = {"shape": vars(shape), "n": n, "p": p, "r": r, "variant": variant}

@@ -10,6 +10,11 @@ gradient clipping at 1.0, constant learning rate:
   collated before the clock starts, as TRL's are.
 * raypo unshared: the same with ``model.prefix_sharing=false`` (one right-padded row per response, as TRL
   builds), to separate the gain of prefix sharing from the rest;
+* TRL compact: the same with TRL's compact log-prob path forced on. TRL's fused head scores only the
+  labelled (response) positions when ``_use_triton(device)`` is true, i.e. on CUDA/XPU only; on CPU it
+  scores every position, prompt and padding included. Forcing it (``trl.trainer.utils._use_triton`` patched
+  to true for this runner; the kernel itself stays TRL's torch tile on CPU) gives TRL the head a GPU user
+  gets, which is the fair peer of raypo's head on CPU.
 * TRL: ``DPOTrainer.train()`` (loss ``sigmoid``, beta 0.1, its fused log-prob head, padding to the longest
   sequence of the batch; TRL's padding-free mode is disabled in this version); the time of each optimizer
   step is read by a callback (``on_step_begin`` -> ``on_step_end``: forward, backward, clipping, AdamW,
@@ -163,7 +168,8 @@ def to_pairs(rows: list[dict], mode: str) -> list[dict]:
 class TRLRunner:
     """TRL's DPOTrainer on pre-tokenised pairs; step times from a callback."""
 
-    def __init__(self, model, pairs: list[dict], pairs_per_step: int, max_steps: int = -1, on_step_end=None):
+    def __init__(self, model, pairs: list[dict], pairs_per_step: int, max_steps: int = -1, on_step_end=None,
+                 compact: bool = False):
         from datasets import Dataset
         from transformers import TrainerCallback
         from trl import DPOConfig, DPOTrainer
@@ -182,6 +188,7 @@ class TRLRunner:
                     on_step_end(state.global_step)
 
         self.step_times: list[float] = []
+        self.compact = compact
         args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="raypo-bench-trl-"),
                          per_device_train_batch_size=pairs_per_step, gradient_accumulation_steps=1,
                          num_train_epochs=1, max_steps=max_steps, learning_rate=LR,
@@ -202,9 +209,34 @@ class TRLRunner:
     def epoch(self) -> float:
         """Seconds of the optimizer steps of one ``train()`` (one pass over the pairs)."""
         done = len(self.step_times)
-        with contextlib.redirect_stdout(io.StringIO()):  # the trainer prints a metrics dict per train()
-            self.trainer.train()
+        with contextlib.redirect_stdout(io.StringIO()), _compact_head(self.compact):
+            self.trainer.train()  # (it prints a metrics dict per train())
         return sum(self.step_times[done:])
+
+
+@contextlib.contextmanager
+def _compact_head(on: bool):
+    """TRL's fused head scores only the labelled positions where ``_use_triton(device)`` holds (CUDA/XPU);
+    ``on`` makes it hold on CPU too, for the duration of one ``train()``."""
+    if not on:
+        yield
+        return
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def raypo_model(shape: ModelShape, prefix_sharing: bool):
+    """The benchmark model with raypo's default attention for the layout (``model.attention=auto``:
+    prefix_sdpa with prefix sharing, SDPA without), as ``raypo train`` would load it."""
+    from raypo.model.loading import hf_attn_implementation
+
+    return build_llama(shape, attention=hf_attn_implementation("auto", prefix_sharing=prefix_sharing))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,10 +267,10 @@ def memory_case(case: dict):
     shape = ModelShape(**case["shape"])
     n, groups, loss, per_step, mode, pairs_per_step = case["spec"]
     rows = _data(n, groups, shape, case["prompt_mean"], case["response_mean"])
-    model = build_llama(shape)
     if case["system"] == "raypo":
-        runner = RaypoRunner(model, rows, loss, per_step)
+        runner = RaypoRunner(raypo_model(shape, True), rows, loss, per_step)
         return runner.step
+    model = build_llama(shape)
     marks: dict[str, int] = {}
 
     def on_step_end(step: int) -> None:
@@ -258,11 +290,12 @@ def run_case(name: str, spec: tuple, shape: ModelShape, *, rounds: int, memory: 
     n, groups, loss, per_step, mode, pairs_per_step = spec
     rows = _data(n, groups, shape, prompt_mean, response_mean)
     pairs = to_pairs(rows, mode)
-    model = build_llama(shape)
-    runners = {"raypo": RaypoRunner(copy.deepcopy(model), rows, loss, per_step),
-               "raypo_unshared": RaypoRunner(copy.deepcopy(model), rows, loss, per_step,
+    model = build_llama(shape)  # every runner starts from the same weights (seed 0)
+    runners = {"raypo": RaypoRunner(raypo_model(shape, True), rows, loss, per_step),
+               "raypo_unshared": RaypoRunner(raypo_model(shape, False), rows, loss, per_step,
                                              prefix_sharing=False),
-               "trl": TRLRunner(copy.deepcopy(model), pairs, pairs_per_step)}
+               "trl": TRLRunner(copy.deepcopy(model), pairs, pairs_per_step),
+               "trl_compact": TRLRunner(copy.deepcopy(model), pairs, pairs_per_step, compact=True)}
     times: dict[str, list[float]] = {label: [] for label in runners}
     for r in range(rounds + 1):  # round 0 warms every runner up
         for label in list(runners) if r % 2 == 0 else list(runners)[::-1]:
@@ -271,6 +304,8 @@ def run_case(name: str, spec: tuple, shape: ModelShape, *, rounds: int, memory: 
                 times[label].append(elapsed)
     ratio = paired_ratio(times["trl"], times["raypo"])
     unshared = paired_ratio(times["trl"], times["raypo_unshared"])
+    compact = paired_ratio(times["trl_compact"], times["raypo"])
+    compact_unshared = paired_ratio(times["trl_compact"], times["raypo_unshared"])
     best = {label: min(t) for label, t in times.items()}
     tokens = _group_tokens(rows)
     pair_tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
@@ -281,6 +316,13 @@ def run_case(name: str, spec: tuple, shape: ModelShape, *, rounds: int, memory: 
            "trl_s_per_group": per_group["trl"], "raypo_unshared_s_per_group": per_group["raypo_unshared"],
            "trl_over_raypo_time": ratio["best"], "ratio_median": ratio["median"], "ratio_min": ratio["min"],
            "ratio_max": ratio["max"], "trl_over_raypo_unshared_time": unshared["best"],
+           "trl_compact_s_per_group": per_group["trl_compact"],
+           "trl_compact_over_raypo_time": compact["best"], "compact_ratio_median": compact["median"],
+           "trl_compact_over_raypo_unshared_time": compact_unshared["best"],
+           # N = 2: the same loss, one pair per group, the same optimizer steps: time per pair. N > 2: the
+           # cost of learning from one listwise group; the losses differ and TRL takes
+           # pairs_per_group / trl_pairs_per_step optimizer steps per group where raypo takes one.
+           "measures": "time per pair" if n == 2 else "cost per listwise group",
            "raypo_group_tokens_per_s": tokens / best["raypo"], "trl_group_tokens_per_s": tokens / best["trl"],
            "trl_pair_tokens_per_s": pair_tokens / best["trl"]}
     if n == 2:

@@ -8,9 +8,82 @@ environment, ~/.aws or instance roles, so they never appear in options raypo pri
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
+
+from raypo.errors import RunError
+
+
+class StorageWriteError(RunError):
+    """A file could not be written (a full disk, no permission): the message names the path, and nothing
+    partial is left there. ``raypo`` prints it on one line and exits with status 1."""
+
+
+def write_failed(path: str, exc: OSError) -> StorageWriteError:
+    code = errno.errorcode.get(exc.errno or 0, "")
+    why = exc.strerror or str(exc)
+    fixes = {"ENOSPC": "free some space or write elsewhere", "EDQUOT": "free some space or write elsewhere",
+             "EACCES": "check the permissions or write elsewhere"}
+    fix = fixes.get(code, "write elsewhere")
+    return StorageWriteError(f"cannot write {path}: {why}{f' ({code})' if code else ''}; nothing was left at "
+                             f"that path; {fix}")
+
+
+def temporary_sibling(path: str) -> str:
+    """A hidden name in ``path``'s directory to write to before renaming it into place."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_output(uri: str, mode: str = "wb", s3_cfg: Any = None, *,
+                  storage_options: Optional[Mapping[str, Any]] = None, **open_kwargs: Any) -> Iterator[Any]:
+    """A file object for ``uri`` whose content appears there only when the block ends without error.
+
+    Local paths: written to a hidden temporary sibling and renamed into place (``os.replace``, atomic on
+    one filesystem). ``s3://``: an object appears only when its upload completes; on an error the upload
+    is discarded. An ``OSError`` (ENOSPC, EACCES, ...) becomes a :class:`StorageWriteError` naming ``uri``.
+    ``storage_options``: s3fs options to use instead of ``s3_cfg``'s.
+    """
+    if "://" in uri:
+        if storage_options is not None:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(**storage_options)
+        else:
+            fs = fsspec_for(uri, s3_cfg)
+        f = fs.open(uri, mode, **open_kwargs)
+        try:
+            yield f
+        except BaseException:
+            raw = getattr(f, "buffer", f)  # text mode wraps the fsspec file
+            if hasattr(raw, "discard"):
+                raw.discard()
+            raise
+        else:
+            try:
+                f.close()
+            except OSError as exc:
+                raise write_failed(uri, exc) from exc
+        return
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        tmp = temporary_sibling(os.path.abspath(uri))
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+        os.replace(tmp, uri)
+        tmp = None
+    except OSError as exc:
+        raise write_failed(uri, exc) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def s3_options(endpoint_url: Optional[str] = None, region: Optional[str] = None,
@@ -52,11 +125,8 @@ def fsspec_for(path: str, s3_cfg: Any = None):
 
 
 def write_bytes(uri: str, data: bytes, s3_cfg: Any = None) -> None:
-    """Write ``data`` to ``uri``, creating local parent directories."""
-    fs = fsspec_for(uri, s3_cfg)
-    if "://" not in uri:
-        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
-    with fs.open(uri, "wb") as f:
+    """Write ``data`` to ``uri`` atomically (:func:`atomic_output`), creating local parent directories."""
+    with atomic_output(uri, "wb", s3_cfg) as f:
         f.write(data)
 
 

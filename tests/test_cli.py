@@ -21,7 +21,7 @@ def test_top_level_help_lists_every_subcommand(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("name", SUBCOMMANDS + ["data convert", "data validate", "data synth"])
+@pytest.mark.parametrize("name", SUBCOMMANDS + ["data convert", "data validate", "data synth", "lambdas fit"])
 def test_subcommand_help(name, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*name.split(), "--help"])

@@ -17,7 +17,7 @@ import raypo
 # pipeline's tokenizer stage loads tokenizers from model sources (raypo.model.loading). ``report`` reads the
 # files runs and sweeps write and imports nothing above ``train``.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "storage", "testing", "__init__"),
+    ("errors", "storage", "progress", "testing", "__init__"),
     ("losses",),
     ("config",),
     ("model",),

@@ -1,7 +1,8 @@
-"""The ``raypo`` command: train | tune | submit | data | export | plan | report.
+"""The ``raypo`` command: train | tune | submit | data | export | plan | report | lambdas.
 
 Each subcommand parses its arguments here and hands off to its module under ``raypo/cli/`` (``train.py``,
-``tune.py``, ``submit.py``, ``data.py``, ``export.py``, ``plan.py``, ``report.py``), imported lazily so
+``tune.py``, ``submit.py``, ``data.py``, ``export.py``, ``plan.py``, ``report.py``, ``lambdas.py``), imported
+lazily so
 ``raypo --help`` stays fast; ``raypo.cli.job`` is the cluster side of ``raypo submit``. Configuration
 problems are printed as one list and exit with status 2 before any cluster work starts.
 """
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_data_commands(sub)
     _add_model_commands(sub)
+    _add_lambdas_commands(sub)
     return parser
 
 
@@ -103,9 +105,9 @@ def _add_run_commands(sub) -> None:
 
 
 def _add_data_commands(sub) -> None:
-    """data convert | validate | synth."""
+    """data convert | validate | synth | tasks | generate | score."""
     p = sub.add_parser("data", help="convert, validate and synthesise listwise datasets",
-                       description="Data tools: convert | validate | synth.")
+                       description="Data tools: convert | validate | synth | tasks | generate | score.")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     data_sub.required = True
     d = data_sub.add_parser("convert", help="convert a dataset to raypo's listwise schema",
@@ -148,6 +150,9 @@ def _add_data_commands(sub) -> None:
     d.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     d.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION)")
     d.set_defaults(func=_handler("raypo.cli.data", "synth_command"))
+    from raypo.cli.data_generate import add_commands as add_generate_commands  # tasks, generate, score
+
+    add_generate_commands(data_sub, _handler)
 
 
 def _add_model_commands(sub) -> None:
@@ -175,6 +180,35 @@ def _add_model_commands(sub) -> None:
                    help="html (one file, images inlined; default) or md (PNG files beside it); default "
                         "from --out's suffix")
     p.set_defaults(func=_handler("raypo.cli.report", "report_command"))
+
+
+def _add_lambdas_commands(sub) -> None:
+    """lambdas fit."""
+    p = sub.add_parser("lambdas", help="lambda-schedule tools: fit the learned scheduler to probe results",
+                       description="Lambda-schedule tools: fit.")
+    lam_sub = p.add_subparsers(dest="lambdas_command", metavar="ACTION")
+    lam_sub.required = True
+    d = lam_sub.add_parser(
+        "fit", help="fit the learned lambda scheduler to (lambda, score) rows and print its table",
+        description="Fit the lambda-DPO paper's polynomial scheduler (Appendix D) to RESULTS (a raypo tune "
+                    "results.csv, or any CSV with lambda columns and a score column) exactly as "
+                    "`lambdas.schedule: learned` does in training; print the polynomial, the residuals at "
+                    "the probe points and the candidates with f and p = softmax(tau * f).")
+    d.add_argument("results", help="CSV of (lambda, score) rows, local or s3://")
+    d.add_argument("--degree", type=int, default=2, help="p: monomials of total degree <= p (default 2)")
+    d.add_argument("--tau", type=float, default=100.0,
+                   help="p ∝ exp(tau * f): tau multiplies the scores (default 100, the paper's)")
+    d.add_argument("--candidates", default="dirichlet:10",
+                   help="dirichlet:K[:ALPHA] (K draws of Dirichlet(ALPHA), ALPHA one value or a,b,..; "
+                        "default dirichlet:10, alpha 1) or grid:R (every lambda in multiples of 1/R)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet candidates (default 0)")
+    d.add_argument("--score-column", default="eval/pairwise_accuracy",
+                   help="the score column (default eval/pairwise_accuracy)")
+    d.add_argument("--lambda-columns", default=None,
+                   help="comma-separated lambda columns (default: the table's lambda_0, lambda_1, ...)")
+    d.add_argument("--json", action="store_true",
+                   help="print one JSON object: weights, features, residuals, candidates")
+    d.set_defaults(func=_handler("raypo.cli.lambdas", "fit_command"))
 
 
 def command_flags(parser: Optional[argparse.ArgumentParser] = None) -> dict[str, list[str]]:

@@ -91,6 +91,10 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         node = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError and OmegaConf parse errors differ across versions
         raise ConfigError([f"cannot parse YAML: {exc}"], source=str(path)) from exc
+    if not _is_mapping_text(path):
+        # an empty file (or one of comments only) is a mistake, not a request for all the defaults
+        raise ConfigError([f"config file '{path}' is empty; give the sections to set (model:, data:, loss:, "
+                           "...), e.g. start from configs/quickstart.yaml"], source=str(path))
     if not isinstance(node, DictConfig):
         raise ConfigError(["the top level must be a mapping of sections (model:, data:, loss:, ...)"],
                           source=str(path))
@@ -104,6 +108,11 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     for name in includes:
         merged = deep_merge(merged, read_yaml(resolve_include(str(name), path.parent), (*seen, path)))
     return deep_merge(merged, raw)
+
+
+def _is_mapping_text(path: Path) -> bool:
+    """Whether the file spells out a mapping (``{}``) rather than holding nothing but comments."""
+    return any(line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -141,19 +150,55 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 def config_from_dict(raw: dict[str, Any], source: Optional[str] = None) -> RaypoConfig:
     """Build and validate a :class:`RaypoConfig` from a plain (possibly partial) mapping."""
+    # Every problem at once: unknown keys and wrong types are set aside one by one (so one does not hide
+    # the next), and the value checks then run on the rest (with the defaults in their place).
     problems = unknown_keys(raw, RaypoConfig)
-    if problems:
-        raise ConfigError(problems, source=source)
+    raw = _without_unknown(raw, RaypoConfig)
     schema = OmegaConf.structured(RaypoConfig)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-    except OmegaConfBaseException as exc:
-        raise ConfigError([_type_error_message(exc)], source=source) from exc
+    for _ in range(100):
+        try:
+            merged = OmegaConf.merge(schema, raw)
+            break
+        except OmegaConfBaseException as exc:
+            problems.append(_type_error_message(exc))
+            key = getattr(exc, "full_key", None)
+            if not key or not _drop_key(raw, key):
+                raise ConfigError(problems, source=source) from exc
+    else:
+        raise ConfigError(problems, source=source)
     cfg: RaypoConfig = OmegaConf.to_object(merged)
-    problems = validate(cfg)
+    problems += validate(cfg)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
+
+
+def _without_unknown(raw: Any, schema: type) -> Any:
+    """``raw`` without the keys :func:`unknown_keys` reports (recursively; free-form mappings kept)."""
+    if not isinstance(raw, dict):
+        return raw
+    hints = get_type_hints(schema)
+    out = {}
+    for key, value in raw.items():
+        if key not in hints:
+            continue
+        sub = dataclass_of(hints[key])
+        out[key] = _without_unknown(value, sub) if sub is not None else value
+    return out
+
+
+def _drop_key(raw: dict[str, Any], dotted: str) -> bool:
+    """Remove the dotted key (``a.b`` or ``a.b[2]``: the whole list ``a.b``) from ``raw``; False if absent."""
+    parts = re.sub(r"\[\d+\].*$", "", dotted).split(".")
+    node: Any = raw
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    if isinstance(node, dict) and parts[-1] in node:
+        del node[parts[-1]]
+        return True
+    return False
 
 
 def _type_error_message(exc: OmegaConfBaseException) -> str:

@@ -32,7 +32,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    attention: str = "auto"  # auto | eager | sdpa | prefix_sdpa | flex | flash_attention_2
+    attention: str = "auto"  # auto | eager | sdpa | prefix_sdpa | cascade | flex | flash_attention_2
     prefix_sharing: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -76,6 +76,16 @@ class LossConfig:
     name: str = "lambda_dpo"
     beta: Optional[float] = None
     params: dict[str, Any] = field(default_factory=dict)
+    # Missing ratings, one rule for every loss and metric (docs/losses.md "Missing ratings"): drop (a missing
+    # rating leaves that response out of that dimension) | impute (missing = 1.0, official lambda-DPO code)
+    missing_ratings: str = "drop"
+    # Per-dimension ratings -> one score per response for the scalar-score losses (LiPO, MPO, NCA, best/worst
+    # pairwise): mean of the available ratings | lambda (weighted by the prompt's lambda draw)
+    score_reduction: str = "mean"
+    # LiPO psi from the scores (docs/losses.md "LiPO labels"): win_rate (the paper's indicator rule) | raw |
+    # minmax | ranks | bradley_terry | matrix (the data's win_probs column)
+    lipo_labels: str = "win_rate"
+    lipo_label_temperature: float = 1.0  # bradley_terry: Psi_ki = sigmoid((S_k - S_i) / T)
     dispersion_c: float = 0.29  # MallowsPO: phi(x) = -c log Hbar(x); calibrate so the dataset mean is 1
 
 
@@ -83,17 +93,23 @@ class LossConfig:
 class LearnedLambdaConfig:
     """The learned (polynomial) lambda scheduler of the lambda-DPO paper (Sun et al., arXiv 2506.19780,
     Appendix D; docs/loss_reference.md §3.5): fit degree-p monomials of lambda to (lambda, score) probe
-    results, draw K candidates, sample one with probability softmax(a_hat / temperature)."""
+    results, take K candidate lambdas, sample one with probability softmax(tau * f(candidate))."""
 
     results_path: Optional[str] = None  # CSV of (lambda, score) rows, e.g. a raypo tune results table
     score_column: str = "eval/pairwise_accuracy"
     lambda_columns: Optional[list[str]] = None  # default lambda_0 .. lambda_{m-1}
     degree: int = 2  # p
-    num_candidates: int = 10  # K
-    # tau. With pairwise-accuracy scores (a_hat spread of a few hundredths over 10 candidates) tau = 0.1
-    # gives probabilities of about 0.08-0.12, like the paper's shipped 10-row table (p ~ 0.1 each).
-    temperature: float = 0.1
+    # tau multiplies the predicted scores: p_j ∝ exp(tau * f_j) (an inverse temperature; the paper's 100, with
+    # accuracy-scale scores candidates 0.01 apart differ in probability by a factor of about e)
+    tau: float = 100.0
+    candidates: str = "dirichlet"  # dirichlet: num_candidates draws of Dirichlet(dirichlet_alpha) | grid
+    num_candidates: int = 10  # K (dirichlet)
+    dirichlet_alpha: Optional[list[float]] = None  # one value or one per dimension; default 1 = uniform
+    grid_resolution: int = 4  # grid: every lambda with coordinates in multiples of 1/grid_resolution
+    seed: int = 0  # seed of the Dirichlet candidates (the same on every rank; draws among them: lambdas.seed)
     points: Optional[list[Any]] = None  # inline probe results [[lambda, score], ...] instead of results_path
+    # Refused (softmax(f / temperature), the inverse of tau); kept so the error can give the tau to write.
+    temperature: Optional[float] = None
 
 
 @dataclass
@@ -106,8 +122,9 @@ class LambdaConfig:
     schedule: str = "uniform"
     weights: Optional[list[float]] = None  # fixed (default 1/m each)
     alpha: Optional[list[float]] = None  # dirichlet concentration, one per dimension (default 1 = uniform)
-    gaussian_negatives: str = "clip"  # clip | abs | softmax: how a Gaussian draw is mapped to the simplex
-    gaussian_mean: Optional[list[float]] = None  # default 1/m each
+    # clip | abs | softmax | project (Euclidean projection): how a Gaussian draw is mapped to the simplex
+    gaussian_negatives: str = "clip"
+    gaussian_mean: Optional[list[float]] = None  # default 1/m each ([0, ..., 0] + std 1: standard normal)
     gaussian_std: Optional[float] = None  # default 1/m
     onehot_index: Optional[int] = None  # onehot: a fixed dimension k (0-based); None = random k per draw
     table: Optional[list[list[float]]] = None  # rows of lambdas (default: the official table)
@@ -177,13 +194,27 @@ class CheckpointConfig:
     keep_last: int = 2
     max_failures: int = 0
     export_path: Optional[str] = None  # write a Hugging Face export here at the end
+    # a damaged latest checkpoint (docs/training.md, "Damaged checkpoints"): fallback = set it aside and
+    # resume from the newest good one; fail = refuse to start, naming the bad file
+    on_corrupt: str = "fallback"
 
 
 @dataclass
 class LoggingConfig:
+    """Where the metrics go besides ``<run dir>/metrics.jsonl`` (:mod:`raypo.train.trackers`)."""
+
     log_every: int = 1
-    tensorboard: bool = True
+    # Ray Train gets a report at checkpoints, evaluations, Tune's metric and at most this often besides
+    # (0: never by time); metrics.jsonl and the trackers get every logged step from rank 0 regardless.
+    report_interval_s: float = 5.0
+    tensorboard: bool = True  # false drops tensorboard from ``backends``
     level: str = "INFO"
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | mlflow | wandb
+    group: Optional[str] = None  # tracker group of this run (a sweep sets its name for every trial)
+    mlflow_tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db
+    mlflow_experiment: Optional[str] = None  # None: "raypo"
+    wandb_project: Optional[str] = None  # None: "raypo"
+    wandb_entity: Optional[str] = None  # None: the W&B default entity of the API key
 
 
 @dataclass

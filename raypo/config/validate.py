@@ -10,12 +10,14 @@ tune`` and ``raypo submit``). The loss hyperparameters are checked against the l
 from __future__ import annotations
 
 import math
+from typing import Optional
 
-from raypo.config.schema import LossConfig, RaypoConfig
+from raypo.config.schema import LambdaConfig, LearnedLambdaConfig, LossConfig, RaypoConfig
 from raypo.errors import did_you_mean
 
 LAMBDA_SCHEDULES = ("fixed", "uniform", "dirichlet", "normalized_uniform", "gaussian", "onehot", "cycle",
                     "table", "learned")
+GAUSSIAN_NEGATIVES = ("clip", "abs", "softmax", "project")
 DATA_FORMATS = ("listwise", "ultrafeedback", "ranked", "pairwise", "scored")
 SIMPLEX_TOL = 1e-3  # published lambda tables are rounded to 3 decimals (row sums 0.999-1.001)
 
@@ -62,7 +64,7 @@ def _model_problems(cfg: RaypoConfig) -> list[str]:
     p: list[str] = []
     m = cfg.model
     _choice(p, "model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
-    _choice(p, "model.attention", m.attention, ("auto", "eager", "sdpa", "prefix_sdpa", "flex",
+    _choice(p, "model.attention", m.attention, ("auto", "eager", "sdpa", "prefix_sdpa", "cascade", "flex",
                                                 "flash_attention_2"))
     if m.lora.enabled:
         _positive(p, "model.lora.r", m.lora.r)
@@ -94,10 +96,30 @@ def _loss_problems(cfg: RaypoConfig) -> list[str]:
     if lo.name == "wmpo" and not float(lo.params.get("alpha", 0.0)) > 0:
         p.append(f"loss.params.alpha={lo.params.get('alpha', 0.0)} must be > 0 for wmpo (alpha = 0 is plain "
                  "mpo); set loss.params.alpha, e.g. 0.1, or use loss.name=mpo")
+    p += _label_rule_problems(lo)
     if "beta" in lo.params:
         p.append("loss.params.beta: beta has its own key; move it to loss.beta")
+    elif "missing_ratings" in lo.params:
+        p.append("loss.params.missing_ratings: the missing-rating rule has its own key, shared by every loss "
+                 "and metric; move it to loss.missing_ratings")
     elif lo.name in names:
         p += _loss_param_problems(lo)
+    return p
+
+
+def _label_rule_problems(lo: LossConfig) -> list[str]:
+    """The label rules of docs/losses.md (missing ratings, score reduction, LiPO labels, Lambda weight)."""
+    from raypo.losses.label_rules import LIPO_LABEL_RULES, MISSING_RULES, SCORE_REDUCTIONS
+    from raypo.losses.lipo import LAMBDA_WEIGHTINGS
+
+    p: list[str] = []
+    _choice(p, "loss.missing_ratings", lo.missing_ratings, MISSING_RULES)
+    _choice(p, "loss.score_reduction", lo.score_reduction, SCORE_REDUCTIONS)
+    _choice(p, "loss.lipo_labels", lo.lipo_labels, LIPO_LABEL_RULES)
+    _positive(p, "loss.lipo_label_temperature", lo.lipo_label_temperature,
+              "T divides the score gaps of the bradley_terry rule, e.g. 1.0")
+    if lo.name == "lipo_lambda" and "weighting" in lo.params:
+        _choice(p, "loss.params.weighting", lo.params["weighting"], LAMBDA_WEIGHTINGS)
     return p
 
 
@@ -106,7 +128,7 @@ def _lambdas_problems(cfg: RaypoConfig) -> list[str]:
     la, d = cfg.lambdas, cfg.data
     _choice(p, "lambdas.schedule", la.schedule, LAMBDA_SCHEDULES)
     _choice(p, "lambdas.per", la.per, ("prompt", "batch"))
-    _choice(p, "lambdas.gaussian_negatives", la.gaussian_negatives, ("clip", "abs", "softmax"))
+    _choice(p, "lambdas.gaussian_negatives", la.gaussian_negatives, GAUSSIAN_NEGATIVES)
     if la.schedule == "fixed":
         if la.weights is None:
             p.append("lambdas.weights is required when lambdas.schedule=fixed; e.g. [0.25, 0.25, 0.25, 0.25]")
@@ -125,17 +147,58 @@ def _lambdas_problems(cfg: RaypoConfig) -> list[str]:
             if la.table_probs is not None and len(la.table_probs) != len(la.table):
                 p.append(f"lambdas.table_probs has {len(la.table_probs)} entries but lambdas.table has "
                          f"{len(la.table)} rows; give one probability per row")
+    m = len(d.dimensions) if d.dimensions else None
+    if la.schedule == "gaussian":
+        _gaussian_problems(p, la, m)
+    if la.onehot_index is not None and (la.onehot_index < 0 or (m is not None and la.onehot_index >= m)):
+        p.append(f"lambdas.onehot_index={la.onehot_index} must be a 0-based dimension index in "
+                 f"[0, {m if m is not None else 'm'})")
+    if la.learned.temperature is not None:
+        p.append(temperature_problem(la.learned.temperature))
     if la.schedule == "learned":
-        if not la.learned.results_path:
-            p.append("lambdas.learned.results_path is required when lambdas.schedule=learned: the CSV of "
-                     "(lambda, score) rows written by raypo tune")
-        _at_least(p, "lambdas.learned.degree", la.learned.degree, 1)
-        _at_least(p, "lambdas.learned.num_candidates", la.learned.num_candidates, 1)
-        _positive(p, "lambdas.learned.temperature", la.learned.temperature)
+        p += _learned_problems(la.learned)
     if la.weights is not None and d.dimensions and len(la.weights) != len(d.dimensions):
         p.append(f"lambdas.weights has {len(la.weights)} entries but data.dimensions has "
                  f"{len(d.dimensions)} ({', '.join(d.dimensions)}); give one weight per dimension")
     return p
+
+
+def temperature_problem(temperature: float) -> str:
+    """The refusal of the old ``lambdas.learned.temperature`` (softmax(f / temperature)), giving the tau of
+    the same distribution: the scheduler now follows the lambda-DPO paper (Appendix D.4), p ∝ exp(tau * f)."""
+    tau = f"{1.0 / temperature:g}" if temperature > 0 else "(a temperature must be > 0)"
+    return (f"lambdas.learned.temperature={temperature} is no longer accepted: the learned scheduler samples "
+            f"p ∝ exp(tau * f) as in the lambda-DPO paper (Appendix D.4), tau multiplying the scores; the "
+            f"same distribution is lambdas.learned.tau={tau} (tau = 1/temperature). Replace the key with "
+            f"'tau: {tau}' (the paper uses tau: 100)")
+
+
+def _learned_problems(le: LearnedLambdaConfig) -> list[str]:
+    p: list[str] = []
+    if not le.results_path and not le.points:
+        p.append("lambdas.learned.results_path is required when lambdas.schedule=learned: the CSV of "
+                 "(lambda, score) rows written by raypo tune (or give inline lambdas.learned.points)")
+    _at_least(p, "lambdas.learned.degree", le.degree, 1)
+    if not (math.isfinite(le.tau) and le.tau >= 0):
+        p.append(f"lambdas.learned.tau={le.tau} must be a finite number >= 0 (the paper's 100; 0: uniform)")
+    _choice(p, "lambdas.learned.candidates", le.candidates, ("dirichlet", "grid"))
+    if le.candidates == "grid":
+        _at_least(p, "lambdas.learned.grid_resolution", le.grid_resolution, 1)
+    else:
+        _at_least(p, "lambdas.learned.num_candidates", le.num_candidates, 1)
+    alpha = le.dirichlet_alpha
+    if alpha is not None and (not alpha or any(not a > 0 for a in alpha)):
+        p.append(f"lambdas.learned.dirichlet_alpha={le.dirichlet_alpha} must be one or m positive "
+                 "concentrations; e.g. [1] (uniform on the simplex, the paper's example)")
+    return p
+
+
+def _gaussian_problems(p: list[str], la: LambdaConfig, m: Optional[int]) -> None:
+    if la.gaussian_std is not None:
+        _positive(p, "lambdas.gaussian_std", la.gaussian_std)
+    if la.gaussian_mean is not None and m is not None and len(la.gaussian_mean) != m:
+        p.append(f"lambdas.gaussian_mean has {len(la.gaussian_mean)} entries but data.dimensions has {m}; "
+                 "give one mean per dimension")
 
 
 def _optimizer_problems(cfg: RaypoConfig) -> list[str]:
@@ -202,13 +265,19 @@ def _checkpoint_problems(cfg: RaypoConfig) -> list[str]:
     _at_least(p, "checkpoint.every_steps", c.every_steps, 0)
     _at_least(p, "checkpoint.keep_last", c.keep_last, 1)
     _at_least(p, "checkpoint.max_failures", c.max_failures, -1)
+    _choice(p, "checkpoint.on_corrupt", c.on_corrupt, ("fallback", "fail"))
     return p
 
 
 def _logging_problems(cfg: RaypoConfig) -> list[str]:
     p: list[str] = []
     _at_least(p, "logging.log_every", cfg.logging.log_every, 1)
+    if not isinstance(cfg.logging.report_interval_s, (int, float)) or cfg.logging.report_interval_s < 0:
+        p.append(f"logging.report_interval_s={cfg.logging.report_interval_s!r} must be a number of seconds "
+                 ">= 0 (0: report to Ray only at checkpoints, evaluations and Tune's metric), e.g. 5")
     _choice(p, "logging.level", cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    for backend in cfg.logging.backends:  # raypo.train.trackers.BACKENDS
+        _choice(p, "logging.backends", backend, ("tensorboard", "mlflow", "wandb"))
     return p
 
 

@@ -34,6 +34,7 @@ from raypo.data.schema import ListwiseRecord, prompt_key
 from raypo.data.validate import (
     Outcome,
     RowRejected,
+    UndecodableLine,
     normalize_prompt_id,
     parse_score,
     raw_json,
@@ -339,8 +340,12 @@ def convert_listwise(row: dict[str, Any], opts: ConvertOptions, repairs: list[st
     if metadata is not None and not isinstance(metadata, str):
         metadata = json.dumps(metadata, ensure_ascii=False, default=repr)
     pid = normalize_prompt_id(row.get("prompt_id"), repairs)
+    win_probs = row.get("win_probs")
+    if win_probs is not None:  # [N][N]; its shape and values are checked by validate_record
+        win_probs = [r.tolist() if hasattr(r, "tolist") else list(r) if isinstance(r, tuple) else r
+                     for r in _require_list(win_probs, "win_probs")]
     rec = ListwiseRecord(pid or "", prompt, responses, scores, ranks, refs["ref_logps"], refs["ref_entropy"],
-                         metadata)
+                         metadata, win_probs=win_probs)
     return rec, True, None
 
 
@@ -367,6 +372,8 @@ def convert_row(fmt: str, raw: Any, opts: ConvertOptions, dimensions: Optional[l
     repairs: list[str] = []
     try:
         row = raw
+        if isinstance(raw, UndecodableLine):
+            raise RowRejected("invalid_utf8", raw.detail)
         if isinstance(raw, (str, bytes)):
             try:
                 row = json.loads(raw)
@@ -377,6 +384,7 @@ def convert_row(fmt: str, raw: Any, opts: ConvertOptions, dimensions: Optional[l
         dims = dimensions if dimensions is not None else dimensions_for(fmt, opts)
         rec, explicit_id, group_key = CONVERTERS[fmt](row, opts, repairs)
         rec = validate_record(rec, len(dims), repairs, explicit_id=explicit_id)
-        return Outcome(record=rec, repairs=repairs, group_key=group_key)
+        # the input row is kept so that a later cross-row rejection (a duplicate) quarantines it verbatim
+        return Outcome(record=rec, raw=raw_json(raw), repairs=repairs, group_key=group_key)
     except RowRejected as exc:
         return Outcome(reason=exc.reason, detail=exc.detail, raw=raw_json(raw), repairs=repairs)

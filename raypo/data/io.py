@@ -5,6 +5,7 @@ Storage (local or S3, endpoint and credentials) is :mod:`raypo.storage`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypo.data.schema import ListwiseRecord, dimensions_of, records_to_table
-from raypo.storage import fsspec_for
+from raypo.data.validate import UndecodableLine, decode_jsonl_lines
+from raypo.storage import atomic_output, fsspec_for
 
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json")
 
@@ -58,7 +60,9 @@ def read_dimensions(path: str, s3_cfg: Any = None) -> Optional[list[str]]:
 def iter_raw_rows(path: str, s3_cfg: Any = None, batch_size: int = 1024) -> Iterator[Any]:
     """Stream the rows at ``path``: dicts from Parquet, raw text lines from JSONL (empty lines skipped).
 
-    JSONL lines are not parsed here so a malformed line becomes a counted ``invalid_json`` rejection.
+    JSONL lines are read as bytes and not parsed here, so a malformed line becomes a counted
+    ``invalid_json`` rejection and a line that is not UTF-8 an ``invalid_utf8`` one
+    (:func:`~raypo.data.validate.decode_jsonl_lines`).
     """
     fmt = file_format(path, s3_cfg)
     for name in list_data_files(path, s3_cfg):
@@ -68,10 +72,38 @@ def iter_raw_rows(path: str, s3_cfg: Any = None, batch_size: int = 1024) -> Iter
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
                     yield from batch.to_pylist()
         else:
-            with fs.open(name, "rt", encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield line.rstrip("\n")
+            with fs.open(name, "rb") as f:
+                yield from decode_jsonl_lines(f, name)
+
+
+UTF8_ERROR_COLUMN = "_utf8_error"  # JSON of an UndecodableLine for a line that is not UTF-8, else null
+
+
+def jsonl_lines_batch(batch: pa.Table) -> pa.Table:
+    """``map_batches`` over whole JSONL files (``bytes``, ``path``) -> one row per non-blank line:
+    ``text`` and, for a line that is not UTF-8, :data:`UTF8_ERROR_COLUMN`."""
+    texts: list[str] = []
+    errors: list[Optional[str]] = []
+    for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+        for line in decode_jsonl_lines(data.splitlines(keepends=True), path):
+            bad = isinstance(line, UndecodableLine)
+            texts.append(line.text if bad else line)
+            errors.append(json.dumps(dataclasses.asdict(line)) if bad else None)
+    return pa.table({"text": pa.array(texts, pa.string()), UTF8_ERROR_COLUMN: pa.array(errors, pa.string())})
+
+
+def text_row(row: dict[str, Any], text_column: str) -> Any:
+    error = row.get(UTF8_ERROR_COLUMN)
+    return row[text_column] if error is None else UndecodableLine(**json.loads(error))
+
+
+def text_rows(batch: pa.Table, text_column: str) -> list[Any]:
+    """The JSONL lines of a batch: ``str``, or an :class:`UndecodableLine` where the bytes were not UTF-8."""
+    texts = batch.column(text_column).to_pylist()
+    if UTF8_ERROR_COLUMN not in batch.column_names:
+        return texts
+    return [t if e is None else UndecodableLine(**json.loads(e))
+            for t, e in zip(texts, batch.column(UTF8_ERROR_COLUMN).to_pylist())]
 
 
 def _output_file(path: str, suffix: str) -> str:
@@ -83,15 +115,13 @@ def _output_file(path: str, suffix: str) -> str:
 def write_table(table: pa.Table, path: str, s3_cfg: Any = None) -> str:
     """Write one Arrow table as Parquet (``.parquet`` file or a directory) or JSONL (``.jsonl``)."""
     target = _output_file(path, ".jsonl" if str(path).endswith(".jsonl") else ".parquet")
-    fs = fsspec_for(target, s3_cfg)
-    if not str(target).startswith("s3://"):
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    # atomic: a full disk or a missing permission leaves no truncated file, and one line naming the path
     if target.endswith(".jsonl"):
-        with fs.open(target, "w", encoding="utf-8") as f:
+        with atomic_output(target, "w", s3_cfg, encoding="utf-8") as f:
             for row in table.to_pylist():
                 f.write(json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n")
     else:
-        with fs.open(target, "wb") as f:
+        with atomic_output(target, "wb", s3_cfg) as f:
             pq.write_table(table, f)
     return target
 
@@ -109,3 +139,19 @@ def read_table(path: str, s3_cfg: Any = None) -> pa.Table:
         with fsspec_for(name, s3_cfg).open(name, "rb") as f:
             tables.append(pq.read_table(f))
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def parquet_rows(path: str, s3_cfg: Any = None) -> Optional[int]:
+    """Rows of the Parquet files at ``path`` from their footers (no data read); None for JSONL or when the
+    files cannot be listed."""
+    try:
+        files = list_data_files(path, s3_cfg)
+        if not files or not all(f.endswith(".parquet") for f in files):
+            return None
+        total = 0
+        for name in files:
+            with fsspec_for(name, s3_cfg).open(name, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+    except (OSError, ValueError):
+        return None

@@ -28,6 +28,7 @@ is the same pipeline in plain Python (no Ray), for tests, benchmarks and the CLI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +40,17 @@ import pyarrow.compute as pc
 
 from raypo.data.formats import ConvertOptions, check_format, convert_row, dimensions_for
 from raypo.data.groups import convert_records, looks_like_oasst, merge_pair_group, prepare_ranked_rows
-from raypo.data.io import file_format, iter_raw_rows, list_data_files, read_dimensions
+from raypo.data.hf_source import is_hf_source, open_hf_source
+from raypo.data.io import (
+    file_format,
+    iter_raw_rows,
+    jsonl_lines_batch,
+    list_data_files,
+    parquet_rows,
+    read_dimensions,
+    text_row,
+    text_rows,
+)
 from raypo.data.schema import (
     LISTWISE_FIELDS,
     STAGE_COLUMNS,
@@ -59,6 +70,7 @@ from raypo.data.validate import (
     resolve_duplicates,
     write_quarantine,
 )
+from raypo.progress import ray_data_stage, track
 from raypo.storage import filesystem_for, s3_options_of
 
 logger = logging.getLogger(__name__)
@@ -74,8 +86,9 @@ _LISTWISE_NAMES = tuple(f.name for f in LISTWISE_FIELDS)
 def read_source(source: Any, s3_cfg: Any = None):
     """A Ray Dataset of raw rows from a path/URI, a ``synthetic://`` URI or a HF ``datasets`` object.
 
-    JSONL is read as text (column ``text``, one line per row, empty lines skipped) and parsed by the
-    conversion stage, so a malformed line is one counted rejection instead of a failed read.
+    JSONL is read as bytes and split into lines here (column ``text``, one line per row, empty lines
+    skipped; :func:`jsonl_lines_batch`) and parsed by the conversion stage, so a malformed line or one that
+    is not UTF-8 is one counted rejection instead of a failed read.
     """
     import ray.data
 
@@ -88,14 +101,16 @@ def read_source(source: Any, s3_cfg: Any = None):
     files = list_data_files(source, s3_cfg)
     if file_format(source, s3_cfg) == "parquet":
         return ray.data.read_parquet(files, filesystem=fs)
-    return ray.data.read_text(files, filesystem=fs)
+    # not read_text: it decodes a whole file at once, so one bad byte fails the read
+    return ray.data.read_binary_files(files, filesystem=fs, include_paths=True).map_batches(
+        jsonl_lines_batch, batch_format="pyarrow", batch_size=1)
 
 
 def convert_batch(batch: pa.Table, fmt: str, opts: ConvertOptions, dimensions: list[str],
                   text_column: Optional[str] = None) -> pa.Table:
     """``map_batches`` function: raw rows -> staged listwise rows (accepted, or rejected with a reason)."""
     if text_column is not None:
-        raws: list[Any] = batch.column(text_column).to_pylist()
+        raws: list[Any] = text_rows(batch, text_column)
     else:
         raws = batch.to_pylist()
     rows = [_staged(convert_row(fmt, raw, opts, dimensions)) for raw in raws]
@@ -203,7 +218,7 @@ def stage_rows(source: Any, fmt: str, opts: ConvertOptions, s3_cfg: Any = None,
         if first and looks_like_oasst(first[0][text_column] if text_column else first[0]):
             # OpenAssistant trees: a reply's prompt is its whole ancestry, so the tree is assembled (and
             # converted) on the driver.
-            raws = [r[text_column] if text_column else r for r in ds.take_all()]
+            raws = [text_row(r, text_column) if text_column else r for r in ds.take_all()]
             rows, notes = prepare_ranked_rows(raws)
             table = pa.Table.from_pylist([_staged(convert_row(fmt, r, opts, dimensions)) for r in rows],
                                          schema=staged_schema(listwise_schema(dimensions)))
@@ -331,7 +346,17 @@ def convert_options(data_cfg: Any) -> ConvertOptions:
 
 def _process(source: Any, data_cfg: Any, tokenizer_path: Optional[str], label: str):
     """Read, convert, validate and (with a tokenizer) tokenise one source; returns (accepted ds, report,
-    dims) with the report's counts final and the quarantine written."""
+    dims) with the report's counts final and the quarantine written. Shows the stage's progress
+    (:func:`raypo.progress.ray_data_stage`)."""
+    with ray_data_stage(f"data {label}" + (" (read, validate, tokenize)" if tokenizer_path else "")) as stage:
+        accepted, report, dims = _process_stages(source, data_cfg, tokenizer_path, label)
+        stage.done = report.input_rows
+    return accepted, report, dims
+
+
+def _process_stages(source: Any, data_cfg: Any, tokenizer_path: Optional[str], label: str):
+    if is_hf_source(source):  # a save_to_disk directory or hf://... (raypo.data.hf_source)
+        source = open_hf_source(source, role="eval" if label == "eval" else "train")
     fmt = "listwise" if isinstance(source, str) and is_synthetic_uri(source) else data_cfg.format
     opts = convert_options(data_cfg)
     staged, dims, notes = stage_rows(source, fmt, opts, data_cfg.s3)
@@ -405,8 +430,6 @@ def convert_dataset(source: Any, fmt: str, data_cfg: Any, output: Optional[str] 
 
 
 def _with(data_cfg: Any, **changes: Any) -> Any:
-    import dataclasses
-
     return dataclasses.replace(data_cfg, **changes)
 
 
@@ -436,6 +459,16 @@ def _source_format(source: Any, data_cfg: Any) -> str:
     return "listwise" if isinstance(source, str) and is_synthetic_uri(source) else data_cfg.format
 
 
+def source_rows(source: Any, s3_cfg: Any = None) -> Optional[int]:
+    """The number of raw rows of ``source`` when it is cheap to know (a HF dataset, ``synthetic://``,
+    Parquet metadata), else None (JSONL is not scanned twice)."""
+    if not isinstance(source, str):
+        return len(source) if hasattr(source, "__len__") else None
+    if is_synthetic_uri(source):
+        return parse_synthetic_uri(source).num_prompts
+    return parquet_rows(source, s3_cfg)
+
+
 def iter_source_rows(source: Any, s3_cfg: Any = None):
     """Raw rows of a path/URI (dicts or JSONL lines), a ``synthetic://`` URI or a HF dataset, streamed."""
     if not isinstance(source, str):
@@ -453,11 +486,15 @@ def process_rows(source: Any, data_cfg: Any, tokenizer: Any = None, label: str =
     Returns (rows, report, dims): listwise rows without a tokenizer, else tokenised rows; the report
     counts every input row; the quarantine file is written when ``data.quarantine_path`` is set.
     """
+    if is_hf_source(source):
+        source = open_hf_source(source, role="eval" if label == "eval" else "train")
     fmt = _source_format(source, data_cfg)
     opts = convert_options(data_cfg)
     dims = None if fmt != "listwise" or opts.dimensions else _listwise_dimensions(
         source, data_cfg.s3, lambda: next(iter(iter_source_rows(source, data_cfg.s3)), None))
-    result = convert_records(iter_source_rows(source, data_cfg.s3), fmt, opts, dims, source=label)
+    rows = track(iter_source_rows(source, data_cfg.s3), f"data {label or 'read'}",
+                 source_rows(source, data_cfg.s3))
+    result = convert_records(rows, fmt, opts, dims, source=label)
     report = ValidationReport(source=label, notes=result.report.notes, dimensions=result.dimensions)
     rejected = [(o, "convert") for o in result.rejected]
     for o, _ in rejected:
@@ -469,7 +506,7 @@ def process_rows(source: Any, data_cfg: Any, tokenizer: Any = None, label: str =
             report.add(o)
     else:
         tok = load_tokenizer(tokenizer, data_cfg.s3) if isinstance(tokenizer, str) else tokenizer
-        staged = [{**o.record.to_row(), "_repairs": o.repairs, "_source_rows": o.source_rows}
+        staged = [{**o.record.to_row(), "_repairs": o.repairs, "_source_rows": o.source_rows, "_raw": o.raw}
                   for o in accepted]
         rows = []
         for t in tokenize_rows(staged, tok, TokenizeConfig.from_data_config(data_cfg)) if staged else []:
@@ -481,8 +518,8 @@ def process_rows(source: Any, data_cfg: Any, tokenizer: Any = None, label: str =
             else:
                 rejected.append((o, "tokenize"))
     if data_cfg.quarantine_path and rejected:
-        path = data_cfg.quarantine_path if label in ("", "train", "convert") else \
-            _suffixed(data_cfg.quarantine_path, label)
+        # the path is used as given; only a separate eval source gets its own ``<name>.eval.jsonl``
+        path = _suffixed(data_cfg.quarantine_path, label) if label == "eval" else data_cfg.quarantine_path
         write_quarantine((quarantine_row(o, stage) for o, stage in rejected), path,
                          s3_options_of(data_cfg.s3) if str(path).startswith("s3://") else None)
     return rows, report, result.dimensions

@@ -48,6 +48,7 @@ LISTWISE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("ref_logps", pa.list_(pa.float64())),
     pa.field("ref_entropy", pa.list_(pa.float64())),
     pa.field("metadata", pa.string()),
+    pa.field("win_probs", pa.list_(pa.list_(pa.float64()))),  # [N][N] or null: P(response k beats i)
 )
 
 # Tokenised rows: what the trainer's collate function reads (one row = one whole group).
@@ -65,6 +66,7 @@ TOKENIZED_FIELDS: tuple[pa.Field, ...] = (
     pa.field("num_tokens", pa.int32()),  # P + sum_i R_i: tokens of the group with the prompt shared once
     pa.field("ref_logps", pa.list_(pa.float64())),
     pa.field("ref_entropy", pa.list_(pa.float64())),
+    pa.field("win_probs", pa.list_(pa.list_(pa.float64()))),  # [N][N] or null (LiPO labels: matrix)
 )
 
 # Bookkeeping columns of the pipeline's intermediate (staged) rows. A rejected row keeps its reason and
@@ -137,6 +139,7 @@ class ListwiseRecord:
     ref_entropy: Optional[list[float]] = None
     metadata: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # not stored; converter scratch space
+    win_probs: Optional[list[list[Optional[float]]]] = None  # [N][N]: P(response k beats response i)
 
     @property
     def num_responses(self) -> int:
@@ -152,6 +155,8 @@ class ListwiseRecord:
             "ref_logps": None if self.ref_logps is None else list(self.ref_logps),
             "ref_entropy": None if self.ref_entropy is None else list(self.ref_entropy),
             "metadata": self.metadata,
+            # Only when given, so rows without a matrix keep their content hash.
+            **({} if self.win_probs is None else {"win_probs": [list(r) for r in self.win_probs]}),
         }
 
     @classmethod
@@ -166,6 +171,7 @@ class ListwiseRecord:
             ref_logps=None if row.get("ref_logps") is None else list(row["ref_logps"]),
             ref_entropy=None if row.get("ref_entropy") is None else list(row["ref_entropy"]),
             metadata=row.get("metadata"),
+            win_probs=None if row.get("win_probs") is None else [list(r) for r in row["win_probs"]],
         )
 
     def content_hash(self) -> str:

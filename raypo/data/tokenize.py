@@ -144,9 +144,9 @@ def _finish_row(row: dict[str, Any], p_ids: list[int], resp: list[list[int]], ma
             repairs.append("truncated_response")
     lengths = [len(r) for r in resp]
     raw = None
-    if reason is not None:
-        raw = json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False,
-                         allow_nan=True)
+    if reason is not None:  # the original input row when the pipeline kept it, else the listwise row
+        raw = row.get("_raw") or json.dumps({k: v for k, v in row.items() if not k.startswith("_")},
+                                            ensure_ascii=False, allow_nan=True)
     return {
         "prompt_id": row["prompt_id"],
         "prompt_ids": p_ids,
@@ -161,6 +161,7 @@ def _finish_row(row: dict[str, Any], p_ids: list[int], resp: list[list[int]], ma
         "num_tokens": len(p_ids) + sum(lengths),
         "ref_logps": row.get("ref_logps"),
         "ref_entropy": row.get("ref_entropy"),
+        "win_probs": row.get("win_probs"),
         "_reject_reason": reason,
         "_reject_detail": detail,
         "_raw": raw,

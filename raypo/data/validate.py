@@ -26,6 +26,7 @@ from raypo.data.schema import ROLES, ListwiseRecord, derive_prompt_id
 from raypo.errors import RunError
 
 REJECT_REASONS: dict[str, str] = {
+    "invalid_utf8": "a JSONL line is not valid UTF-8 (the detail gives the line number and byte offset)",
     "invalid_json": "a JSONL line is not valid JSON",
     "not_a_record": "the row is not a mapping of fields (e.g. a JSON list or number)",
     "missing_field": "a required field is absent or null",
@@ -45,6 +46,7 @@ REJECT_REASONS: dict[str, str] = {
     "missing_score": "a scored-format response has no score",
     "invalid_rank": "a rank is not an integer >= 1",
     "invalid_reference": "ref_logps / ref_entropy values are not finite numbers",
+    "invalid_win_probs": "win_probs is not an N x N matrix of win probabilities in [0, 1]",
     "no_labels": "no rating and no rank: the row carries no preference",
     "duplicate_row": "an exact copy of another row (one copy is kept)",
     "duplicate_prompt_id": "several different rows share a prompt id (all copies are rejected)",
@@ -119,17 +121,62 @@ class Outcome:
         return self.reason is None
 
     def reject(self, reason: str, detail: str = "", raw: Optional[str] = None) -> Outcome:
-        """This outcome turned into a rejection (keeps the source-row count)."""
-        if raw is None and self.record is not None:
+        """This outcome turned into a rejection (keeps the source-row count and the original input row;
+        only a row without one, e.g. a merged pairwise group, is quarantined as its listwise record)."""
+        if raw is None and self.raw is None and self.record is not None:
             raw = json.dumps(self.record.to_row(), ensure_ascii=False, allow_nan=True)
         return Outcome(None, reason, detail, raw or self.raw, list(self.repairs), self.source_rows,
                        self.group_key)
+
+
+@dataclass(frozen=True)
+class UndecodableLine:
+    """A JSONL line whose bytes are not valid UTF-8: rejected as ``invalid_utf8``, never a failed read.
+
+    ``text`` is the line decoded with backslash escapes for the bad bytes (for the quarantine file);
+    ``line`` is 1-based, ``offset`` the byte offset of the first bad byte in the file.
+    """
+
+    text: str
+    path: str
+    line: int
+    offset: int
+    byte: int
+
+    @property
+    def detail(self) -> str:
+        return (f"line {self.line} of {self.path}: byte 0x{self.byte:02x} at byte offset {self.offset} is "
+                "not valid UTF-8; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_jsonl_lines(lines: Iterable[bytes], path: str) -> Iterable[Any]:
+    """Byte lines of one JSONL file -> ``str`` lines, or :class:`UndecodableLine` for a line that is not
+    UTF-8. Blank lines are skipped; a UTF-8 byte-order mark at the start of the file is dropped."""
+    offset = 0
+    for number, raw in enumerate(lines, 1):
+        start, body = offset, raw
+        offset += len(raw)
+        if number == 1 and body.startswith(UTF8_BOM):
+            body, start = body[len(UTF8_BOM):], start + len(UTF8_BOM)
+        body = body.rstrip(b"\r\n")
+        if not body.strip():
+            continue
+        try:
+            yield body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield UndecodableLine(body.decode("utf-8", errors="backslashreplace"), path, number,
+                                  start + exc.start, body[exc.start])
 
 
 def raw_json(raw: Any) -> str:
     """The original row as JSON text for the quarantine (never fails: falls back to repr)."""
     if isinstance(raw, str):
         return raw
+    if isinstance(raw, UndecodableLine):
+        return raw.text
     try:
         return json.dumps(raw, ensure_ascii=False, allow_nan=True, default=repr)
     except (TypeError, ValueError):
@@ -265,6 +312,8 @@ def validate_record(rec: ListwiseRecord, num_dimensions: int, repairs: list[str]
         if values is not None and any(isinstance(v, bool) or not isinstance(v, (int, float))
                                       or not math.isfinite(v) for v in values):
             raise RowRejected("invalid_reference", f"{name}={values!r} must be finite numbers")
+    if rec.win_probs is not None:
+        _check_win_probs(rec.win_probs, n)
 
     keep = [i for i, r in enumerate(rec.responses) if r.strip()]
     if len(keep) < n:
@@ -284,12 +333,31 @@ def validate_record(rec: ListwiseRecord, num_dimensions: int, repairs: list[str]
     return rec
 
 
+def _check_win_probs(win_probs: Any, n: int) -> None:
+    """``win_probs [N][N]``: W[k][i] = P(response k beats response i) in [0, 1] for k != i; the diagonal is
+    not read (LiPO labels take it as 0.5) and may be null."""
+    if not isinstance(win_probs, (list, tuple)) or len(win_probs) != n:
+        raise RowRejected("invalid_win_probs", f"win_probs must have one row per response ({n}), got "
+                                               f"{raw_json(win_probs)[:80]}")
+    for k, row in enumerate(win_probs):
+        if not isinstance(row, (list, tuple)) or len(row) != n:
+            raise RowRejected("invalid_win_probs", f"win_probs[{k}] must have {n} entries, got "
+                                                   f"{raw_json(row)[:80]}")
+        for i, v in enumerate(row):
+            if i == k and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise RowRejected("invalid_win_probs", f"win_probs[{k}][{i}]={v!r} must be a probability "
+                                                       "in [0, 1]")
+
+
 def _select(rec: ListwiseRecord, keep: list[int]) -> ListwiseRecord:
     def pick(values):
         return None if values is None else [values[i] for i in keep]
 
+    win_probs = None if rec.win_probs is None else [[rec.win_probs[k][i] for i in keep] for k in keep]
     return ListwiseRecord(rec.prompt_id, rec.prompt, pick(rec.responses), pick(rec.scores), pick(rec.ranks),
-                          pick(rec.ref_logps), pick(rec.ref_entropy), rec.metadata, rec.extra)
+                          pick(rec.ref_logps), pick(rec.ref_entropy), rec.metadata, rec.extra, win_probs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,11 +495,14 @@ def quarantine_row(outcome: Outcome, stage: str) -> dict[str, Any]:
 
 def write_quarantine(rows: Iterable[dict[str, Any]], path: str, storage_options: Optional[dict] = None
                      ) -> int:
-    """Write quarantine rows as JSONL to a local path or an ``s3://`` URI; returns the number written."""
-    import fsspec
+    """Write quarantine rows as JSONL to a local path or an ``s3://`` URI; returns the number written.
+
+    Written atomically (:func:`raypo.storage.atomic_output`): a full disk leaves no partial file and raises
+    :class:`~raypo.storage.StorageWriteError` naming the path."""
+    from raypo.storage import atomic_output
 
     count = 0
-    with fsspec.open(path, "w", encoding="utf-8", **(storage_options or {})) as f:
+    with atomic_output(path, "w", storage_options=storage_options, encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n")
             count += 1

@@ -62,6 +62,16 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_NAME_RE = re.compile(
     r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)", re.I)
 _URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# Known token shapes, checked on values whatever the variable is called: Hugging Face, AWS access key ids
+# (long-term AKIA, temporary ASIA), GitHub (classic and fine-grained), OpenAI-style and Slack tokens.
+_SECRET_VALUE_RE = re.compile(
+    r"^(hf_[A-Za-z0-9]{20,}|(AKIA|ASIA)[A-Z0-9]{16}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+    r"|sk-[A-Za-z0-9_-]{20,}|xox[abpr]-[A-Za-z0-9-]{10,})$")
+
+
+def looks_like_secret_value(value: object) -> bool:
+    """Whether ``value`` has the shape of a known access token or key id (not only a secret-like name)."""
+    return bool(_SECRET_VALUE_RE.match(str(value).strip()))
 
 #: entrypoint -> the flags of ``raypo <entrypoint>`` (the command line's own parser knows them)
 EntryFlags = Mapping[str, Sequence[str]]
@@ -278,6 +288,11 @@ def _runtime_env_problems(spec: JobSpec) -> list[str]:
             p.append(f"runtime_env.env_vars.{name} looks like a secret with its value in the job spec: list "
                      "the name under runtime_env.forward_env instead (its value is read from your shell at "
                      "submit time and never written to a file)")
+        elif looks_like_secret_value(value):
+            p.append(f"runtime_env.env_vars.{name} holds a value shaped like an access token or key id "
+                     "(hf_..., AKIA/ASIA..., ghp_..., sk-...): never write secrets in a job spec; list the "
+                     "variable under runtime_env.forward_env instead (its value is read from your shell at "
+                     "submit time)")
     for name in env.forward_env:
         if not _ENV_NAME_RE.match(name):
             p.append(f"runtime_env.forward_env: {name!r} is not a valid environment variable name")

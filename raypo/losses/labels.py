@@ -91,6 +91,7 @@ def targets_from_ratings(
     temperature: float = 1.0,
     default_rating: float = DEFAULT_RATING,
     eps: float = 0.0,
+    missing: str = "impute",
 ) -> Tensor:
     """Per-dimension listwise target distributions (lambda-DPO, docs/loss_reference.md §3.2).
 
@@ -103,6 +104,9 @@ def targets_from_ratings(
         default_rating: replacement for a missing rating (official code: 1.0).
         eps: added to every valid target entry without renormalising, as the official loss does with
             ``p* + 1e-10`` (§3.1). Default 0 here; the lambda_dpo loss applies its own ``eps``.
+        missing: ``"impute"`` (the official converter, the default of this function): NaN ->
+            ``default_rating``; ``"drop"`` (docs/losses.md "Missing ratings"): the softmax of dimension k
+            runs over the responses rated in k only, and an unrated response's target is 0.
 
     Returns:
         ``[B, N, m]`` targets (``[B, N]`` if the input was 2-D); 0 at padded responses.
@@ -116,8 +120,13 @@ def targets_from_ratings(
     if r.dim() != 3:
         raise ValueError(f"targets_from_ratings: ratings must be [B, N, m] or [B, N], got {tuple(r.shape)}")
     dtype = r.dtype if r.is_floating_point() else torch.float64
-    r = torch.nan_to_num(r.to(dtype), nan=default_rating)
+    if missing not in ("impute", "drop"):
+        raise ValueError(f"targets_from_ratings: missing={missing!r} is not one of ('drop', 'impute')")
+    r = r.to(dtype)
     valid = _mask_like(r, mask).unsqueeze(-1).expand_as(r)
+    if missing == "drop":
+        valid = valid & ~torch.isnan(r)
+    r = torch.nan_to_num(r, nan=default_rating)
     logits = torch.where(valid, r / temperature, torch.full((), -1e30, dtype=dtype, device=r.device))
     p = torch.softmax(logits, dim=1)
     p = torch.where(valid, p + eps, torch.zeros((), dtype=dtype, device=r.device))
@@ -130,15 +139,29 @@ def aggregate_ratings(
     *,
     temperature: float = 1.0,
     default_rating: float = DEFAULT_RATING,
+    missing: str = "impute",
 ) -> Tensor:
     """Scalar score per response from per-dimension ratings: ``mean_k p*(k)`` (docs/loss_reference.md §3.3).
 
     This is how the lambda-DPO trainer's pairwise baseline (``ultrafb_best_worst_dpo``) picks its best
     and worst response; feed the result to :func:`best_worst` or as ``scores`` of a pairwise loss.
-    Returns ``[B, N]`` (0 at padding).
+    Returns ``[B, N]`` (0 at padding). ``missing="drop"``: p*(k) over the responses rated in k, a dimension
+    with fewer than two rated responses left out, and the mean over the dimensions where the response is
+    rated; a response with none is NaN (unrated).
     """
-    p = targets_from_ratings(ratings, mask, temperature=temperature, default_rating=default_rating)
-    return p.mean(dim=-1) if p.dim() == 3 else p
+    p = targets_from_ratings(ratings, mask, temperature=temperature, default_rating=default_rating,
+                             missing=missing)
+    if p.dim() != 3:
+        return p
+    if missing == "impute":
+        return p.mean(dim=-1)
+    r = ratings_tensor(ratings, math.nan) if not isinstance(ratings, Tensor) else ratings.to(p.dtype)
+    r = r.unsqueeze(-1) if r.dim() == 2 else r
+    rated = _mask_like(r, mask).unsqueeze(-1) & ~torch.isnan(r)
+    used = rated & (rated.sum(1, keepdim=True) >= 2)
+    count = used.sum(-1)
+    total = torch.where(used, p, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
 
 
 def _pairwise_win_matrix(values: Tensor, higher_is_better: bool) -> Tensor:
@@ -167,9 +190,10 @@ def lipo_psi_from_pairwise(win_prob: Tensor, mask: Optional[Tensor] = None) -> T
         raise ValueError(f"lipo_psi_from_pairwise: expected [B, N, N], got {tuple(win_prob.shape)}")
     w = w.to(torch.float64) if not w.is_floating_point() else w
     valid = _mask_like(w, None if mask is None else (mask.unsqueeze(0) if squeeze else mask))
-    col = valid.unsqueeze(-2).to(w.dtype)
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
     k = valid.sum(-1, keepdim=True).clamp(min=1).to(w.dtype)
-    psi = torch.where(valid, (w * col).sum(-1) / k, torch.zeros((), dtype=w.dtype, device=w.device))
+    # torch.where, not a product with the mask: a NaN at a padded column must not leak into a row's sum.
+    psi = torch.where(valid, torch.where(valid.unsqueeze(-2), w, zero).sum(-1) / k, zero)
     return psi.squeeze(0) if squeeze else psi
 
 

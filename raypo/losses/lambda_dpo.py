@@ -14,6 +14,7 @@ from torch import Tensor
 from raypo.losses._common import (
     LossHyperparameterError,
     LossOutput,
+    check_choice,
     check_positive,
     detached_count,
     finish,
@@ -22,6 +23,7 @@ from raypo.losses._common import (
     prepare_inputs,
     row_has_valid,
 )
+from raypo.losses.label_rules import MISSING_RULES
 from raypo.losses.labels import DEFAULT_RATING, targets_from_ratings
 
 
@@ -56,18 +58,44 @@ def _ratings(name: str, scores: Optional[Tensor], like: Tensor) -> Tensor:
     return ratings
 
 
+def _dimension_weights(ratings: Tensor, mask: Tensor, lam_b: Tensor, missing: str
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rated [B, N, m], weights [B, m], counted [B])`` under the missing-rating rule.
+
+    impute: every valid response is rated, lam as given, every prompt with a valid response counted.
+    drop: a dimension with fewer than two rated responses drops out and lam is renormalised over the
+    remaining ones (only where one dropped, so complete ratings give the official value); a prompt with no
+    remaining lambda mass is not counted.
+    """
+    valid3 = mask.unsqueeze(-1).expand_as(ratings)
+    has_valid = row_has_valid(mask)
+    if missing == "impute":
+        return valid3, lam_b, has_valid
+    rated = valid3 & ~torch.isnan(ratings)
+    usable = rated.sum(1) >= 2  # [B, m]
+    kept = torch.where(usable, lam_b, torch.zeros((), dtype=lam_b.dtype, device=lam_b.device))
+    mass = kept.sum(-1, keepdim=True)
+    renorm = kept / torch.where(mass > 0, mass, torch.ones_like(mass))
+    weights = torch.where(usable.all(-1, keepdim=True), lam_b, renorm)
+    return rated, weights, has_valid & (mass.squeeze(-1) > 0)
+
+
 def lambda_dpo_denominator(mask: Tensor, scores: Optional[Tensor], *, dtype: torch.dtype,
-                           lam: Optional[Tensor] = None, **_hparams: object) -> Tensor:
-    """The lambda_dpo denominator (prompts with a valid response) without log-probs.
+                           lam: Optional[Tensor] = None, missing_ratings: str = "drop",
+                           **_hparams: object) -> Tensor:
+    """The lambda_dpo denominator (counted prompts) without log-probs.
 
     ``mask``: prepared bool ``[B, N]``; ``dtype``: the compute dtype. The ratings and lam are checked as
-    the loss checks them; NaN ratings are missing (``default_rating``), not invalid, so they never change
-    the count. Other hyperparameters are ignored.
+    the loss checks them. ``missing_ratings="impute"``: every prompt with a valid response; ``"drop"``:
+    prompts left with a usable dimension of positive lambda mass (:func:`lambda_dpo_loss`). Other
+    hyperparameters are ignored.
     """
+    check_choice("lambda_dpo", "missing_ratings", missing_ratings, MISSING_RULES)
     like = label_like(mask, dtype)
     ratings = _ratings("lambda_dpo", scores, like)
-    _lambda_matrix(lam, ratings.shape[0], ratings.shape[2], like)
-    return detached_count(row_has_valid(mask), dtype)
+    lam_b = _lambda_matrix(lam, ratings.shape[0], ratings.shape[2], like)
+    _, _, counted = _dimension_weights(ratings, mask, lam_b, missing_ratings)
+    return detached_count(counted, dtype)
 
 
 def lambda_dpo_loss(
@@ -82,6 +110,7 @@ def lambda_dpo_loss(
     default_rating: float = DEFAULT_RATING,
     eps: float = 1e-10,
     scores_are_targets: bool = False,
+    missing_ratings: str = "drop",
 ) -> LossOutput:
     """lambda-DPO (docs/loss_reference.md §3.1; CODE ``trainer.py::_compute_lambda_dpo_loss``).
 
@@ -92,8 +121,13 @@ def lambda_dpo_loss(
 
     Args:
         scores: per-dimension ratings ``[B, N, m]`` (``[B, N]`` means m = 1). NaN = missing rating,
-            replaced by ``default_rating`` (official: 1.0). With ``scores_are_targets=True`` they are
-            already target distributions p* (e.g. from :func:`raypo.losses.labels.targets_from_ratings`).
+            handled by ``missing_ratings``. With ``scores_are_targets=True`` they are already target
+            distributions p* (e.g. from :func:`raypo.losses.labels.targets_from_ratings`).
+        missing_ratings: ``"drop"`` (default, docs/losses.md "Missing ratings"): in dimension k the target
+            and the softmax run over the responses rated in k; a dimension with fewer than two rated
+            responses drops out of the prompt's loss and lam is renormalised over the others; a prompt
+            with no usable dimension (no lambda mass left) adds nothing and is not in the denominator.
+            ``"impute"``: NaN -> ``default_rating`` (official converter: 1.0), exact official behaviour.
         lam: ``[m]`` (one lambda for the batch, the official behaviour) or ``[B, m]`` (per prompt, the raypo
             default schedule). lam is used as given (the official table rows sum to 0.999-1.001).
         beta: 0.1 (``pref_beta`` default). temperature T: 1.0 (raw 1-5 ratings, no rescaling).
@@ -108,29 +142,34 @@ def lambda_dpo_loss(
     check_positive(name, "temperature", temperature)
     if not eps >= 0:
         raise LossHyperparameterError(f"{name}: eps={eps!r} must be >= 0 (official code: 1e-10)")
+    check_choice(name, "missing_ratings", missing_ratings, MISSING_RULES)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
     ratings = _ratings(name, scores, policy)
     batch, _, m = ratings.shape
     zero = torch.zeros((), dtype=policy.dtype, device=policy.device)
-    valid3 = mask.unsqueeze(-1).expand_as(ratings)
+    lam_b = _lambda_matrix(lam, batch, m, policy)
+    rated, weights, counted = _dimension_weights(ratings, mask, lam_b, missing_ratings)
     if scores_are_targets:
-        targets = torch.where(valid3, torch.nan_to_num(ratings, nan=0.0) + eps, zero)
+        targets = torch.where(rated, torch.nan_to_num(ratings, nan=0.0) + eps, zero)
     else:
         targets = targets_from_ratings(ratings, mask, temperature=temperature, default_rating=default_rating,
-                                       eps=eps)
-    lam_b = _lambda_matrix(lam, batch, m, policy)
+                                       eps=eps, missing=missing_ratings)
 
     s = torch.where(mask, beta * (policy - ref), zero)
-    log_p = masked_log_softmax(s, mask)  # [B, N], 0 at padding
-    per_dim = -(targets * log_p.unsqueeze(-1)).sum(dim=1)  # [B, m]
-    per_prompt = (lam_b * per_dim).sum(-1)
+    # The softmax of dimension k over its rated responses (all valid ones under "impute").
+    log_p = masked_log_softmax(s.unsqueeze(-1).expand_as(ratings), rated, dim=1)  # [B, N, m]
+    per_dim = -(targets * log_p).sum(dim=1)  # [B, m]
+    per_prompt = (weights * per_dim).sum(-1)
 
     has_valid = row_has_valid(mask)
-    numerator = torch.where(has_valid, per_prompt, zero).sum()
-    denominator = detached_count(has_valid, policy.dtype)
+    numerator = torch.where(counted, per_prompt, zero).sum()
+    denominator = detached_count(counted, policy.dtype)
+    used = counted.unsqueeze(-1) & (weights > 0)
     metrics = {
-        "num_prompts": denominator.clone(),
-        "L_k_sum": torch.where(has_valid.unsqueeze(-1), per_dim, zero).sum(0),
-        "lambda_sum": torch.where(has_valid.unsqueeze(-1), lam_b, zero).sum(0),
+        "num_prompts": detached_count(has_valid, policy.dtype),
+        "num_skipped": detached_count(has_valid & ~counted, policy.dtype),
+        "num_dims_dropped": detached_count(has_valid.unsqueeze(-1) & (rated.sum(1) < 2), policy.dtype),
+        "L_k_sum": torch.where(counted.unsqueeze(-1), per_dim, zero).sum(0),
+        "lambda_sum": torch.where(used, weights, zero).sum(0),
     }
     return finish(numerator, denominator, metrics, s)

@@ -67,6 +67,8 @@ from raypo.losses._common import (
 PAIR_REDUCTIONS = ("rax", "paper", "per_list_mean", "sum")
 POINT_REDUCTIONS = ("rax", "paper", "per_list_mean", "sum")
 LIST_REDUCTIONS = PAIR_REDUCTIONS
+#: lipo_lambda's ``weighting``: the DCG weight and the LiPO paper's three ablations (Sec. 5).
+LAMBDA_WEIGHTINGS = ("dcg", "constant", "constant_gain", "constant_discount")
 
 
 def _sum_denominator(counted: Tensor, dtype: torch.dtype) -> Tensor:
@@ -398,10 +400,15 @@ def lipo_lambda_weights(
     normalize: bool = False,
     topn: Optional[int] = None,
     log_base: float = 2.0,
+    weighting: str = "dcg",
 ) -> Tensor:
     """DCG lambda weights ``Delta [B, N, N]`` (``rax.dcg_lambdaweight``), detached.
 
         Delta_ij = C * |G_i - G_j| * |1/D(tau_i) - 1/D(tau_j)|,  G = 2^psi - 1,  D(r) = log_b(1 + r)
+
+    ``weighting``: ``"dcg"`` (the formula above), ``"constant_gain"`` (``|G_i - G_j| = 1``) or
+    ``"constant_discount"`` (``|1/D(tau_i) - 1/D(tau_j)| = 1``), the LiPO paper's Lambda-weight ablations;
+    C, ``topn`` and ``normalize`` apply to whichever factor is kept.
 
     tau = rank of s among the valid items (:func:`score_ranks`). ``topn``: discounts of ranks > topn are 0.
     ``normalize``: G is divided by IDCG = sum_k G_(k) / D(k) over the valid items sorted by G (and cut at
@@ -430,7 +437,13 @@ def lipo_lambda_weights(
         idcg = (ideal * ideal_disc).sum(-1, keepdim=True)
         gains = gains / torch.where(idcg == 0, torch.ones_like(idcg), idcg)
     gain_diff = (gains.unsqueeze(-1) - gains.unsqueeze(-2)).abs()
-    delta = gain_diff * (discount.unsqueeze(-1) - discount.unsqueeze(-2)).abs()
+    discount_diff = (discount.unsqueeze(-1) - discount.unsqueeze(-2)).abs()
+    # The LiPO paper's ablations (Sec. 5 "Lambda weight"): one of the two factors is held at 1.
+    if weighting == "constant_gain":
+        gain_diff = torch.ones_like(gain_diff)
+    elif weighting == "constant_discount":
+        discount_diff = torch.ones_like(discount_diff)
+    delta = gain_diff * discount_diff
     if scale == "padded":
         delta = delta * s.shape[-1]
     elif scale == "valid":
@@ -467,8 +480,11 @@ def lipo_lambda_loss(
     not add up across micro-batches (module docstring).
 
     Defaults (RAX): beta = 0.05, scale = "padded" (C = padded N), normalize = False, topn = None,
-    log_base = 2. ``weighting="constant"`` sets Delta = 1, the paper's "constant weight" ablation, which is
-    pair-logistic (§7 identity 11). N = 2: L = C * |2^psi_w - 2^psi_l| * 0.369070 * DPO.
+    log_base = 2, weighting = "dcg". The LiPO paper's Lambda-weight ablations (Sec. 5):
+    ``weighting="constant"`` sets Delta = 1 ("constant weight"), which is pair-logistic (§7 identity 11);
+    ``"constant_gain"`` sets |G_i - G_j| = 1, Delta_ij = C * |1/D(tau_i) - 1/D(tau_j)|;
+    ``"constant_discount"`` sets |1/D(tau_i) - 1/D(tau_j)| = 1, Delta_ij = C * |G_i - G_j|.
+    N = 2: L = C * |2^psi_w - 2^psi_l| * 0.369070 * DPO.
 
     Padding: with ``scale="padded"`` the loss depends on the padded length (§7 identity 15, as in RAX), so
     micro-batches padded to different N add up to the concatenated batch only if they share N. Use
@@ -477,7 +493,7 @@ def lipo_lambda_loss(
     """
     name = "lipo_lambda"
     check_choice(name, "scale", scale, ("padded", "valid", "none"))
-    check_choice(name, "weighting", weighting, ("dcg", "constant"))
+    check_choice(name, "weighting", weighting, LAMBDA_WEIGHTINGS)
     if not (isinstance(log_base, (int, float)) and log_base > 0 and log_base != 1):
         raise LossHyperparameterError(f"{name}: log_base={log_base!r} must be > 0 and != 1 (RAX: 2)")
     if topn is not None and (isinstance(topn, bool) or not isinstance(topn, int) or topn < 1):
@@ -485,8 +501,8 @@ def lipo_lambda_loss(
     s, psi, mask = _setup(name, policy_logps, ref_logps, mask, scores, beta)
     pairs = label_pairs(psi, mask)
     per_pair = F.softplus(-_score_diffs(s))
-    if weighting == "dcg":
+    if weighting != "constant":
         delta = lipo_lambda_weights(s, psi, mask, scale=scale, normalize=normalize, topn=topn,
-                                    log_base=log_base)
+                                    log_base=log_base, weighting=weighting)
         per_pair = per_pair * delta
     return _reduce_pairs(name, per_pair, pairs, mask, reduction, s)

@@ -6,7 +6,9 @@ the rejected response. With ``scores [B, N]`` any N works: the chosen response i
 response invalid. Per-dimension ratings ``scores [B, N, m]`` are first reduced as the lambda-DPO trainer's
 UltraFeedback best-vs-worst baseline does (§3.3, ``ultrafb_best_worst_dpo``): the mean over dimensions
 of the per-dimension targets ``p*(k) = softmax_valid(R_k / temperature)`` (§3.2, T = 1.0 by default; a
-NaN rating is missing and counts as 1.0), then best = argmax and worst = argmin, first occurrence.
+NaN rating is missing and dropped from its dimension, docs/losses.md "Missing ratings"; impute it first,
+e.g. with ``raypo.losses.label_rules.impute_ratings``, for the official 1.0), then best = argmax and
+worst = argmin, first occurrence.
 Prompts whose best and worst scores tie, or with fewer than two valid responses, are skipped: they are
 counted in ``metrics["num_skipped"]`` and excluded from the denominator. Batch value = mean over the
 remaining prompts.
@@ -69,7 +71,10 @@ def pair_labels(
         usable = mask[:, 0] & mask[:, 1]
     elif scores.dim() == 3 and tuple(scores.shape[:2]) == tuple(mask.shape):
         ratings = scores.to(device=mask.device, dtype=torch.float64)
-        aggregate = aggregate_ratings(ratings, mask, temperature=temperature)
+        # A NaN rating is missing and dropped (docs/losses.md "Missing ratings"); the trainer imputes
+        # before this call under loss.missing_ratings=impute, the official converter's rule.
+        aggregate = aggregate_ratings(ratings, mask, temperature=temperature, missing="drop")
+        mask = mask & ~torch.isnan(aggregate)
         w, lo, usable = best_worst(aggregate, mask)
     else:
         if scores.dim() != 2 or scores.shape != mask.shape:
@@ -103,7 +108,7 @@ def select_pair(
 
     ``scores [B, N]``: scalar labels (NaN = invalid response). ``scores [B, N, m]``: per-dimension ratings,
     aggregated to ``mean_k softmax_valid(R_k / temperature)`` (docs/loss_reference.md §3.3,
-    :func:`aggregate_ratings`; NaN = missing rating = 1.0) before the best / worst choice (first occurrence
+    :func:`aggregate_ratings`; NaN = missing rating, dropped) before the best / worst choice (first occurrence
     on ties; §1.0).
     """
     w, lo, usable, mask = pair_labels(name, mask, scores, dtype=policy.dtype, temperature=temperature)

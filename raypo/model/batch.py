@@ -18,6 +18,8 @@ import torch
 
 # Per-response columns carried through collate when present in the rows (padded with NaN).
 PER_RESPONSE_KEYS = ("ref_logps", "ref_entropy", "scores", "ranks", "psi")
+# Per-pair columns [N][N] (a win-probability matrix), padded to [B, N, N] with NaN.
+PER_PAIR_KEYS = ("win_probs",)
 
 
 def _as_int_list(values) -> list[int]:
@@ -102,7 +104,8 @@ class ListwiseBatch:
 
     def select_responses(self, start: int, stop: int) -> ListwiseBatch:
         """Responses [start, stop) of every group (a group may keep none: its row holds only the prompt)."""
-        extras = {k: v[:, start:stop] for k, v in self.extras.items()}
+        extras = {k: v[:, start:stop, start:stop] if k in PER_PAIR_KEYS else v[:, start:stop]
+                  for k, v in self.extras.items()}
         masks = None if self.response_masks is None else [ms[start:stop] for ms in self.response_masks]
         return ListwiseBatch(self.prompt_ids, [rs[start:stop] for rs in self.response_ids],
                              num_responses=max(stop - start, 0), extras=extras, response_masks=masks)
@@ -145,6 +148,17 @@ def _pad_per_response(values: list, num_responses: int) -> torch.Tensor:
     return out
 
 
+def _pad_per_pair(values: list, num_responses: int) -> torch.Tensor:
+    """[B][N_b][N_b] floats (None = missing) -> float32 [B, N, N] with NaN padding."""
+    out = torch.full((len(values), num_responses, num_responses), math.nan, dtype=torch.float32)
+    for b, matrix in enumerate(values):
+        for k, row in enumerate(matrix):
+            for i, v in enumerate(row):
+                if v is not None:
+                    out[b, k, i] = float(v)
+    return out
+
+
 def collate_listwise(
     rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
     *,
@@ -175,6 +189,9 @@ def collate_listwise(
     for key in per_response_keys:
         if rows and all(r.get(key) is not None for r in rows):
             extras[key] = _pad_per_response([list(r[key]) for r in rows], n)
+    for key in PER_PAIR_KEYS:
+        if rows and all(r.get(key) is not None for r in rows):
+            extras[key] = _pad_per_pair([[list(row) for row in r[key]] for r in rows], n)
     masks = None
     if rows and all(r.get("response_masks") is not None for r in rows):
         masks = [[_as_int_list(m) for m in r["response_masks"]] for r in rows]

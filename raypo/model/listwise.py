@@ -18,20 +18,27 @@ Attention backends for the shared layout (``config._attn_implementation`` of the
   no dense mask; a [R, 1, 2, L] structure mask from which :mod:`raypo.model.attention` computes only the
   allowed blocks (prompt causal, each response on [prompt | itself]) with batched SDPA: attention cost
   P^2 + sum_i R_i (P + R_i) instead of L^2.
+* ``raypo_cascade`` (``model.attention: cascade``): the same structure mask; the prompt's keys attended
+  once per group and each response's own causal block, merged by log-sum-exp (:mod:`raypo.model.cascade`):
+  no per-response K/V copies, no ``repeat_kv``; the CPU flash kernel on CPU, FlexAttention on CUDA.
 * ``flex_attention``: a FlexAttention ``BlockMask`` from :func:`raypo.model.layout.prefix_sharing_mask_mod`
-  (GPU; block-sparse, so masked-out response pairs cost nothing). Only its forward is checked, on CPU (an
-  integration test); its backward and the GPU kernels have not been run.
+  (GPU; block-sparse, so masked-out response pairs cost nothing); rows padded to 128 tokens and the
+  BlockMask cached per (shape, ids) (:func:`flex_block_mask`), so compiled flex does not recompile per
+  length. Only its forward is checked, on CPU (an integration test); its backward and the GPU kernels have
+  not been run (``bench/gpu.py`` does, on a GPU).
 * ``flash_attention_*``: no custom mask, so prefix sharing is refused (use the unshared layout).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from raypo.model import attention as prefix_attention  # registers the prefix_sdpa backend with transformers
+from raypo.model import cascade as cascade_attention  # registers the cascade backend
 from raypo.model.batch import ListwiseBatch
 from raypo.model.layout import (
     LayoutInputs,
@@ -101,16 +108,13 @@ class ListwiseLogProbModel(nn.Module):
             return prefix_sharing_mask(group_ids, segment_ids)
         if impl == "eager":
             return additive_mask(prefix_sharing_mask(group_ids, segment_ids), dtype)
-        if impl == prefix_attention.NAME:
+        if impl in (prefix_attention.NAME, cascade_attention.NAME):
             return prefix_attention.structure_mask(group_ids, segment_ids)
         if impl == "flex_attention":
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            rows, length = group_ids.shape
-            mask_mod = prefix_sharing_mask_mod(group_ids, segment_ids)
-            return create_block_mask(mask_mod, rows, None, length, length, device=group_ids.device)
+            return flex_block_mask(group_ids, segment_ids)
         raise ValueError(f"attention implementation {impl!r} cannot take the prefix-sharing block mask; set "
-                         "model.attention to prefix_sdpa, sdpa, eager or flex, or model.prefix_sharing=false")
+                         "model.attention to prefix_sdpa, cascade, sdpa, eager or flex, or "
+                         "model.prefix_sharing=false")
 
     def forward(
         self,
@@ -152,6 +156,30 @@ class ListwiseLogProbModel(nn.Module):
         return out
 
 
+_FLEX_MASKS: OrderedDict = OrderedDict()
+_FLEX_MASK_CACHE_SIZE = 32
+
+
+def flex_block_mask(group_ids: torch.Tensor, segment_ids: torch.Tensor):
+    """The FlexAttention ``BlockMask`` of the prefix-sharing rule, cached per (shape, ids): a repeated
+    micro-batch shape (eval, the reference pass after the policy's, response chunks) reuses it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (str(group_ids.device), tuple(group_ids.shape), group_ids.cpu().numpy().tobytes(),
+           segment_ids.cpu().numpy().tobytes())
+    mask = _FLEX_MASKS.get(key)
+    if mask is None:
+        rows, length = group_ids.shape
+        mask_mod = prefix_sharing_mask_mod(group_ids, segment_ids)
+        mask = create_block_mask(mask_mod, rows, None, length, length, device=group_ids.device)
+        _FLEX_MASKS[key] = mask
+        if len(_FLEX_MASKS) > _FLEX_MASK_CACHE_SIZE:
+            _FLEX_MASKS.popitem(last=False)
+    else:
+        _FLEX_MASKS.move_to_end(key)
+    return mask
+
+
 def _sum_slots(values: torch.Tensor, slot_index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """[T] -> [B, N]: place each token value in its (b, i, t) slot, then sum over t.
 
@@ -181,9 +209,18 @@ def _input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _inner(model: nn.Module) -> ListwiseLogProbModel:
+    return model.module if isinstance(getattr(model, "module", None), ListwiseLogProbModel) else model
+
+
 def _lm_head(model: nn.Module) -> nn.Module:
-    inner = model.module if isinstance(getattr(model, "module", None), ListwiseLogProbModel) else model
-    return inner.causal_lm.get_output_embeddings()
+    return _inner(model).causal_lm.get_output_embeddings()
+
+
+def default_pad_multiple(model: nn.Module) -> int:
+    """Row-length multiple for the model's attention: FlexAttention's block size for ``flex_attention``
+    (so a compiled kernel sees few distinct lengths instead of recompiling per length), else 1."""
+    return cascade_attention.FLEX_PAD if _inner(model).attn_implementation == "flex_attention" else 1
 
 
 def pack(batch: ListwiseBatch, *, prefix_sharing: bool, pad_token_id: int = 0,
@@ -199,7 +236,7 @@ def grouped_logprobs(
     *,
     prefix_sharing: bool = True,
     with_entropy: bool = False,
-    pad_to_multiple_of: int = 1,
+    pad_to_multiple_of: int | None = None,
     per_group: bool = False,
 ) -> LogProbOutput:
     """Per-response sequence log-probs [B, N] of ``batch`` under ``model``.
@@ -210,6 +247,7 @@ def grouped_logprobs(
 
     ``prefix_sharing`` picks the layout; both give the same values (up to float rounding; bitwise identical
     per response within one layout). ``with_entropy`` adds MallowsPO's normalised entropy H̄ (reference).
+    ``pad_to_multiple_of``: row-length multiple (None: :func:`default_pad_multiple`).
 
     ``per_group``: one forward per prompt group. A batched forward gives a group's log-probs that depend,
     in their last bits, on the other groups of the batch (kernels block their sums by the padded shapes),
@@ -218,6 +256,8 @@ def grouped_logprobs(
     and a run with ``train.reference: precomputed`` both use it, so rewards are exactly zero at step 0.
     """
     model = as_logprob_model(model)
+    if pad_to_multiple_of is None:
+        pad_to_multiple_of = default_pad_multiple(model)
     if per_group and batch.num_groups > 1:
         parts = [grouped_logprobs(model, batch.select_groups(b, b + 1), prefix_sharing=prefix_sharing,
                                   with_entropy=with_entropy, pad_to_multiple_of=pad_to_multiple_of)

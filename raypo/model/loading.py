@@ -7,6 +7,8 @@ A model source is one of
   from arguments or the environment, credentials from the environment / botocore's usual chain; neither is
   ever logged),
 * ``tiny://llama?hidden=64&layers=2`` — a tiny random Llama built locally (:mod:`raypo.model.tiny`),
+* ``smollm2://135m-instruct`` or a ``.gguf`` file — converted once to a cached safetensors directory
+  (:mod:`raypo.model.gguf_source`; the optional ``smollm2`` extra),
 * a Hugging Face model id (needs a hub or a populated HF cache; nothing is downloaded on CPU CI).
 
 ZeRO-3: :func:`load_causal_lm` creates ``transformers.integrations.HfDeepSpeedConfig(ds_config)`` *before*
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raypo.model.gguf_source import is_gguf_source, resolve_gguf_source
 from raypo.model.tiny import is_tiny_spec, resolve_tiny_spec
 from raypo.storage import s3_options
 
@@ -51,7 +54,8 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float64": torch.float64, "fp64": torch.float64,  # tests only
 }
-_ATTENTION = {"eager": "eager", "sdpa": "sdpa", "prefix_sdpa": "raypo_prefix_sdpa", "flex": "flex_attention",
+_ATTENTION = {"eager": "eager", "sdpa": "sdpa", "prefix_sdpa": "raypo_prefix_sdpa",
+              "cascade": "raypo_cascade", "flex": "flex_attention",
               "flex_attention": "flex_attention", "flash_attention_2": "flash_attention_2",
               "flash_attention_3": "flash_attention_3"}
 COMPLETE_MARKER = ".raypo-complete"
@@ -75,17 +79,20 @@ def hf_attn_implementation(attention: str, *, prefix_sharing: bool) -> str:
 
     ``auto`` is ``prefix_sdpa`` with prefix sharing (:mod:`raypo.model.attention`: SDPA on the allowed blocks
     only, attention cost P^2 + sum_i R_i (P + R_i) instead of the dense mask's L^2; exact, on CPU and GPU
-    alike) and ``sdpa`` without it. ``sdpa``/``eager`` (dense block mask) and ``flex`` (block-sparse mask,
-    GPU) are opt-in. Flash-attention kernels take no custom mask, so they need ``prefix_sharing=false``.
+    alike) and ``sdpa`` without it. ``sdpa``/``eager`` (dense block mask), ``cascade``
+    (:mod:`raypo.model.cascade`) and ``flex`` (block-sparse mask, GPU) are opt-in. Flash-attention
+    kernels take no custom mask, so they need ``prefix_sharing=false``.
     """
     if attention == "auto":
         attention = "prefix_sdpa" if prefix_sharing else "sdpa"
     if attention not in _ATTENTION:
         raise ValueError(f"model.attention={attention!r} is not supported; use auto, eager, sdpa, "
-                         "prefix_sdpa, flex or flash_attention_2")
+                         "prefix_sdpa, cascade, flex or flash_attention_2")
     impl = _ATTENTION[attention]
     if attention == "prefix_sdpa":
         import raypo.model.attention  # noqa: F401 - registers the backend before from_pretrained validates the name
+    if attention == "cascade":
+        import raypo.model.cascade  # noqa: F401 - registers the backend
     if prefix_sharing and impl.startswith("flash_attention"):
         raise ValueError(f"model.attention={attention} cannot take the prefix-sharing block mask; set "
                          "model.prefix_sharing=false, or model.attention=sdpa or flex")
@@ -160,6 +167,8 @@ def resolve_model_source(source: str | os.PathLike, *, cache_dir: str | os.PathL
     if source.startswith("s3://"):
         options = storage_options if storage_options is not None else s3_options()
         return str(download_s3_dir(source, cache_dir, storage_options=options))
+    if is_gguf_source(source):
+        return str(resolve_gguf_source(source, Path(cache_dir) if cache_dir else default_cache_dir()))
     expanded = Path(source).expanduser()
     if expanded.exists():
         return str(expanded)

@@ -12,13 +12,17 @@ upcasts it and takes ``log_softmax``. Here the head runs only on the T response 
 
 Backward recomputes each chunk's logits instead of storing them (d logp / dz = onehot(y) - softmax(z)):
 
-    dz_c = g_c * (onehot(y_c) - softmax(z_c))     [c, V]  fp32, then cast to the model dtype
+    dz_c = g_c * (onehot(y_c) - softmax(z_c))     [c, V]  fp32 (in place on z_c), cast to the model dtype
     dh_c = dz_c @ W                               [c, H]
-    dW  += dz_c^T @ h_c                           [V, H]  accumulated in fp32
+    dW  += dz_c^T @ h_c                           [V, H]  accumulated in fp32 across chunks
 
-Peak extra memory is about ``chunk_size * V * 10`` bytes plus one fp32 [V, H] gradient buffer, never
-[T, V] fp32. Values equal the naive ``log_softmax(h @ W^T).gather(y)`` path (gradcheck in float64 in
-tests/model/test_logprobs.py).
+The fp32 logits come straight out of the GEMM on CUDA (fp32-output bf16 GEMM, no low-precision copy to
+upcast); the log-sum-exp runs in place on them (``torch.logsumexp`` would allocate a second [c, V]). The
+weight gradient is accumulated in an fp32 [V, H] buffer by ``addmm`` (fp32 output from bf16 operands on
+CUDA; from the fp32 dz on CPU), so no chunk's contribution is rounded to bf16 before the sum. Peak extra
+memory: one fp32 [c, V] chunk (plus its bf16 cast in the backward for a bf16 model) and the fp32 [V, H]
+gradient buffer, never [T, V] fp32. Values equal the naive ``log_softmax(h @ W^T).gather(y)`` path
+(gradcheck in float64 in tests/model/test_logprobs.py).
 
 ZeRO-3: ``lm_head.weight`` is a 0-element shard outside its module's forward. :func:`lm_head_label_logprobs`
 therefore runs the chunked head *as the forward of the lm_head module* (it swaps ``forward`` for the call),
@@ -43,11 +47,49 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with an ``acc`` result: for low-precision inputs on CUDA, cuBLAS's fp32-output GEMM (bf16
+    tensor cores, no rounded low-precision [c, V] copy to upcast); elsewhere the GEMM in the model dtype
+    and one cast (CPUs have no fp32-output bf16 GEMM)."""
+    if a.dtype != acc and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (RuntimeError, TypeError, NotImplementedError):  # older torch / unsupported dtype pair
+            pass
+    return (a @ b).to(acc)
+
+
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = hidden @ weight.t()  # GEMM in the model dtype (bf16 tensor cores, fp32 accumulate)
+    """[c, V] logits in the accumulation dtype (fp32, float64 for float64 inputs)."""
+    logits = _mm_acc(hidden, weight.t(), _accum_dtype(hidden.dtype))
     if bias is not None:
-        logits = logits + bias
-    return logits.to(_accum_dtype(hidden.dtype))
+        logits += bias
+    return logits
+
+
+def _chunk_label_lse(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z[y], logsumexp(z)) of a fresh logits chunk, overwriting ``z`` (no second [c, V] buffer, which
+    ``torch.logsumexp`` would allocate)."""
+    picked = z.gather(1, labels[:, None]).squeeze(1)
+    top = z.amax(dim=-1, keepdim=True)
+    lse = top.squeeze(1) + z.sub_(top).exp_().sum(-1).log_()
+    return picked, lse
+
+
+def _accumulate_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, dz_low: torch.Tensor,
+                            h_c: torch.Tensor) -> None:
+    """grad_w += dz^T h_c, accumulated in fp32 across chunks (no per-chunk rounding to the model dtype).
+
+    CUDA, low precision: ``addmm`` with an fp32 output from the bf16 operands (tensor cores). Elsewhere: the
+    fp32 ``dz`` against ``h_c`` upcast (a [c, H] copy), in fp32.
+    """
+    if dz_low.dtype != grad_w.dtype and grad_w.is_cuda:
+        try:
+            torch.addmm(grad_w, dz_low.t(), h_c, out_dtype=grad_w.dtype, out=grad_w)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    grad_w.addmm_(dz.t(), h_c.to(grad_w.dtype))
 
 
 class ChunkedLabelLogProb(torch.autograd.Function):
@@ -67,12 +109,15 @@ class ChunkedLabelLogProb(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
             z = _chunk_logits(hidden[start:stop], weight, bias)
-            lse_c = torch.logsumexp(z, dim=-1)
+            if with_entropy:  # reference only (no backward): needs z after the softmax
+                lse_c = torch.logsumexp(z, dim=-1)
+                picked = z.gather(1, labels[start:stop, None]).squeeze(1)
+                entropy[start:stop] = lse_c - (torch.exp(z - lse_c[:, None]) * z).sum(-1)
+            else:
+                picked, lse_c = _chunk_label_lse(z, labels[start:stop])
+            del z
             lse[start:stop] = lse_c
-            logp[start:stop] = z.gather(1, labels[start:stop, None]).squeeze(1) - lse_c
-            if with_entropy:
-                probs = torch.exp(z - lse_c[:, None])
-                entropy[start:stop] = lse_c - (probs * z).sum(-1)
+            logp[start:stop] = picked - lse_c
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(entropy)
@@ -95,11 +140,13 @@ class ChunkedLabelLogProb(torch.autograd.Function):
             dz.scatter_add_(1, labels[start:stop, None], g_c[:, None])  # + g * onehot(y)
             if need_b:
                 grad_b += dz.sum(0)
-            dz = dz.to(weight.dtype)
-            if need_h:
-                grad_h[start:stop] = dz @ weight
+            dz_low = dz.to(weight.dtype)  # no copy for fp32 weights
             if need_w:
-                grad_w += (dz.t() @ h_c).to(acc)
+                _accumulate_weight_grad(grad_w, dz, dz_low, h_c)
+            del dz
+            if need_h:
+                grad_h[start:stop] = dz_low @ weight
+            del dz_low
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None

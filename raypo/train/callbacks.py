@@ -1,17 +1,16 @@
-"""Driver-side reporting: a console progress line and TensorBoard scalars.
+"""The progress line's format, the metric history's reader, and the driver-side callback.
 
-Ray Train calls these on its controller, which runs on the driver's node, after every ``ray.train.report``.
-Only rank 0's metrics are used: the worker loop has already all-reduced them across ranks.
+Ray Train calls :class:`ProgressCallback` on its controller, which runs on the driver's node, after every
+``ray.train.report``. The per-step rows are written on rank 0 (:mod:`raypo.train.metrics_log`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 from ray.train import UserCallback
 
@@ -40,40 +39,17 @@ def format_progress(metrics: dict[str, Any], max_steps: int) -> str:
 
 
 class ProgressCallback(UserCallback):
-    """Prints one line per report, appends every report to a JSON-lines file (the run's metric history;
-    Ray Train V2 keeps only checkpointed reports) and writes every scalar metric to TensorBoard."""
+    """Says on the driver when Ray Train has committed a checkpoint. The per-step rows (metrics.jsonl,
+    trackers, the progress line) are written on rank 0 (:mod:`raypo.train.metrics_log`): Ray Train sees
+    only the reports it needs (checkpoints, evaluations, Tune's metric, every few seconds)."""
 
-    def __init__(self, max_steps: int, tensorboard_dir: Optional[str] = None,
-                 metrics_path: Optional[str] = None):
-        self.max_steps = max_steps
-        self.tensorboard_dir = tensorboard_dir
-        self.metrics_path = metrics_path
-        self._writer = None
+    def __init__(self) -> None:
         self._start = time.time()
 
-    def _tb(self):
-        if self._writer is None and self.tensorboard_dir:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(self.tensorboard_dir)
-        return self._writer
-
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not metrics:
+        if not metrics or checkpoint is None:
             return
-        m = metrics[0]
-        line = format_progress(m, self.max_steps)
-        if checkpoint is not None:
-            line += f" | checkpoint {checkpoint.path}"
-        print(f"[raypo {time.time() - self._start:7.1f}s] {line}", file=sys.stdout, flush=True)
-        if self.metrics_path:
-            os.makedirs(os.path.dirname(self.metrics_path), exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float, str))}) + "\n")
-        writer = self._tb()
-        if writer is not None:
-            step = int(m.get("step", 0))
-            for key, value in m.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    writer.add_scalar(key, value, step)
-            writer.flush()
+        step = int(metrics[0].get("step", 0))
+        elapsed = time.time() - self._start
+        print(f"[raypo {elapsed:7.1f}s] step {step}: checkpoint committed {checkpoint.path}", file=sys.stdout,
+              flush=True)

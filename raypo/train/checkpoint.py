@@ -7,6 +7,8 @@ Layout of one checkpoint directory (``{storage_path}/{run_name}/step_00000040/``
     hf/raypo_lora.json                                                         rank 0, LoRA runs: r, alpha
     raypo_state.json                                                           rank 0: step, data position,
                                                                                lambda-schedule state
+    raypo_manifest_r<r>.json                                                   every rank, last: its files'
+                                                                               sizes and SHA-256 checksums
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-STATE_FILE = "raypo_state.json"
+from raypo.train.checkpoint_integrity import STATE_FILE, write_manifest
+
 DS_DIR = "ds"
 HF_DIR = "hf"
 WRAPPER_PREFIX = "causal_lm."
@@ -68,7 +71,14 @@ def save_checkpoint(engine, state: TrainState, *, rank: int, hf_config=None, tok
         if lora:
             os.makedirs(os.path.join(local, HF_DIR), exist_ok=True)
             Path(local, HF_DIR, LORA_FILE).write_text(json.dumps(lora, indent=2, sort_keys=True))
+    write_manifest(local, rank=rank, world_size=_world_size(), global_step=state.global_step)  # last
     return local
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def lora_settings(engine) -> dict[str, Any]:
@@ -111,7 +121,12 @@ def merge_lora(state_dict: dict[str, Any], lora: dict[str, Any]) -> dict[str, An
 
 def load_checkpoint(engine, checkpoint_dir: str) -> TrainState:
     """Load DeepSpeed states (this rank's shard) and raypo's state from a downloaded checkpoint."""
-    _, client = engine.load_checkpoint(os.path.join(checkpoint_dir, DS_DIR))
+    try:
+        _, client = engine.load_checkpoint(os.path.join(checkpoint_dir, DS_DIR))
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # torch's errors for a damaged shard
+        raise RuntimeError(f"cannot load the checkpoint {checkpoint_dir}: {exc}; its files are damaged (on "
+                           "s3:// only their sizes are verified before a start; docs/training.md, \"Damaged "
+                           "checkpoints\")") from exc
     if client is None:
         raise RuntimeError(f"no DeepSpeed checkpoint found under {checkpoint_dir}/{DS_DIR}; the checkpoint "
                            "is incomplete (was a rank's upload interrupted?)")
@@ -166,13 +181,37 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
             raise RuntimeError(f"checkpoint and model disagree: missing {missing[:5]}, unexpected "
                                f"{unexpected[:5]}")
         model.tie_weights()
-        os.makedirs(out_dir, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        AutoTokenizer.from_pretrained(hf_dir).save_pretrained(out_dir)
+        _write_export(model, AutoTokenizer.from_pretrained(hf_dir), out_dir)
         return out_dir
     finally:
         if temporary:
             shutil.rmtree(local, ignore_errors=True)
+
+
+def _write_export(model, tokenizer, out_dir: str) -> None:
+    """Save into a hidden sibling directory, then rename it to ``out_dir``: a full disk leaves no half
+    export, and :class:`~raypo.storage.StorageWriteError` names the path."""
+    from raypo.storage import temporary_sibling, write_failed
+
+    out_dir = os.path.abspath(out_dir)
+    tmp, old = temporary_sibling(out_dir), None
+    try:
+        os.makedirs(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            old = temporary_sibling(out_dir)
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+    except OSError as exc:
+        if old is not None and not os.path.exists(out_dir):
+            os.rename(old, out_dir)  # put the previous export back
+            old = None
+        raise write_failed(out_dir, exc) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _tied_keys(model) -> set[str]:

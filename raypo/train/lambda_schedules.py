@@ -12,15 +12,18 @@ uniform            Dirichlet(1_m), truly uniform on the simplex (PAPER; normalis
 dirichlet          Dirichlet(alpha)
 normalized_uniform u ~ U[0, 1)^m, lambda = u / sum u (CODE 8c2749c..e7b383e; *not* uniform on the simplex)
 gaussian           z ~ N(mean, std^2 I) (default mean 1/m, std 1/m), mapped to the simplex by ``clip``
-                   (max(z, 0) renormalised, redrawn if all <= 0), ``abs`` (|z| renormalised) or ``softmax``;
-                   PAPER only, no code: the rule for negatives is raypo's choice
+                   (max(z, 0) renormalised, redrawn if all <= 0), ``abs`` (|z| renormalised), ``softmax`` or
+                   ``project`` (the Euclidean projection onto the simplex; with mean 0, std 1: the paper's
+                   "standard normal, projected to the simplex"); PAPER only, no code: the rule is raypo's
+                   choice
 onehot             e_k, with k = ``onehot_index`` or uniformly random ("unimodal", PAPER; CODE Dec 2025)
 cycle              e_1, e_2, ..., e_m, e_1, ... in order (deterministic)
 table              weighted rows, sampled exactly like the official ``TableLambdaScheduler`` (python
                    ``random.Random(seed)``; first row with r <= cumsum(p / sum p)); default: the HEAD table
 learned            the paper's polynomial scheduler (Appendix D): fit degree-p
-                   monomials of lambda to (lambda, score) points by minimum-norm least squares, draw K
-                   candidates from Dirichlet(1), sample a candidate with probability softmax(a_hat / tau)
+                   monomials of lambda to (lambda, score) points by minimum-norm least squares, take K
+                   candidates (Dirichlet(alpha) draws or a simplex grid), sample a candidate with
+                   probability softmax(tau * f) (tau = 100)
 ================== ===========================================================================================
 
 Every schedule is built from a :class:`LambdaConfig`, is seeded, returns ``sample(batch_size) ->
@@ -44,12 +47,8 @@ import torch
 from torch import Tensor
 
 from raypo.config import LambdaConfig, LearnedLambdaConfig
-from raypo.train.learned_lambda import (
-    fit_poly_scheduler,
-    poly_features,
-    poly_scheduler_table,
-    read_results_table,
-)
+from raypo.config.validate import GAUSSIAN_NEGATIVES
+from raypo.train.learned_lambda import LearnedFit, fit_learned, poly_features, read_results_table
 
 __all__ = [
     "SCHEDULES",
@@ -214,7 +213,10 @@ class GaussianSchedule(LambdaSchedule):
     choice).
 
     ``clip``: max(z, 0) / sum, redrawing a row whose entries are all <= 0; ``abs``: |z| / sum (redraw if 0);
-    ``softmax``: softmax(z). Defaults mean = 1/m, std = 1/m.
+    ``softmax``: softmax(z); ``project``: argmin_{lambda in simplex} ||lambda - z||
+    (:func:`project_to_simplex`).
+    Defaults mean = 1/m, std = 1/m; mean 0, std 1, ``project`` is the paper's "standard normal, projected to
+    the simplex".
     """
 
     name = "gaussian"
@@ -234,12 +236,26 @@ class GaussianSchedule(LambdaSchedule):
             if self.negatives == "softmax":
                 e = np.exp(z - z.max())
                 return e / e.sum()
+            if self.negatives == "project":
+                return project_to_simplex(z[None])[0]
             v = np.maximum(z, 0.0) if self.negatives == "clip" else np.abs(z)
             if v.sum() > 0:
                 return v / v.sum()
 
     def _draw(self, n: int) -> np.ndarray:
         return np.stack([self._one() for _ in range(n)])
+
+
+def project_to_simplex(z: np.ndarray) -> np.ndarray:
+    """Euclidean projection of each row of ``z [n, m]`` onto the simplex: ``max(z - theta, 0)`` with the
+    theta that makes the row sum 1 (sort-based, exact; Held, Wolfe & Crowder 1974, Duchi et al. 2008)."""
+    z = np.atleast_2d(np.asarray(z, dtype=np.float64))
+    u = -np.sort(-z, axis=1)  # descending
+    css = np.cumsum(u, axis=1) - 1.0
+    k = np.arange(1, z.shape[1] + 1)
+    rho = (u - css / k > 0).sum(axis=1)  # the condition holds for a prefix of the sorted entries
+    theta = css[np.arange(len(z)), rho - 1] / rho
+    return np.maximum(z - theta[:, None], 0.0)
 
 
 class OneHotSchedule(LambdaSchedule):
@@ -353,20 +369,18 @@ class TableSchedule(LambdaSchedule):
 
 class PolynomialLambdaScheduler(LambdaSchedule):
     """``learned``: the lambda-DPO paper's polynomial lambda scheduler (Appendix D; no commit of the
-    official code has it).
+    official code has it; docs/loss_reference.md §3.5).
 
-    1. probe trainings with fixed lambda^(j) give points (lambda^(j), score^(j)), e.g. a Ray Tune sweep;
-    2. features Phi(lambda) = all monomials of total degree <= p (:func:`monomial_exponents`);
-    3. w = minimum-norm least squares fit of the scores (:func:`fit_poly_scheduler`);
-    4. K candidates c_1..c_K ~ Dirichlet(1) (drawn once, from the seed);
-    5. a_hat = Phi(c) w, pi = softmax(a_hat / tau);
-    6. each draw picks a candidate with probability pi.
+    1. probe trainings with fixed lambda_i give points (lambda_i, y_i), e.g. a ``raypo tune`` sweep;
+    2. features phi(lambda) = all monomials of total degree <= p (:func:`monomial_exponents`; 15 for m = 4,
+       p = 2);
+    3. w = minimum-norm least squares fit of the scores (:func:`fit_poly_scheduler`; with fewer points than
+       features it interpolates them, as gradient descent from w = 0 does);
+    4. candidates (D.3): K draws of Dirichlet(alpha), seeded by ``learned.seed``, or the simplex grid;
+    5. f_j = phi(c_j) w, p_j = exp(tau f_j) / sum_l exp(tau f_l) (D.4), tau = 100 by default (the paper's);
+    6. each draw picks a candidate with probability p.
 
-    Defaults p = 2, K = 10, tau = 0.1. None of them is in the paper's code; the
-    shipped 10-row table (p ~ 0.1 each) implies tau large relative to the spread of a_hat, and tau = 0.1
-    is that for scores on a [0, 1] accuracy scale (a_hat spreads by a few hundredths over K = 10 Dirichlet
-    candidates, so pi stays near 1/K while still favouring the better candidates). Scores on another scale
-    need tau scaled with them; a smaller tau concentrates pi on the best candidates.
+    ``raypo lambdas fit`` prints the same fit (:attr:`fit`) from a results table.
     """
 
     name = "learned"
@@ -387,13 +401,13 @@ class PolynomialLambdaScheduler(LambdaSchedule):
             raise ValueError(f"learned lambda points have {lam.shape[1]} dimensions, num_dims is {self.m}")
         self.points_lambda = lam
         self.points_score = np.asarray([float(p[1]) for p in pts], dtype=np.float64)
-        self.weights = fit_poly_scheduler(lam, self.points_score, learned.degree)
-        self.candidates, self.a_hat, self.probs = poly_scheduler_table(
-            self.weights, learned.degree, self.m, learned.num_candidates, learned.temperature, self.rng)
+        self.fit: LearnedFit = fit_learned(lam, self.points_score, learned)
+        self.weights, self.candidates = self.fit.weights, self.fit.candidates
+        self.a_hat, self.probs = self.fit.f, self.fit.p
         self.last_indices: list[int] = []
 
     def predict(self, lam: Union[np.ndarray, Sequence[Sequence[float]]]) -> np.ndarray:
-        """The fitted polynomial a_hat(lambda) at each row of ``lam``."""
+        """The fitted polynomial f(lambda) at each row of ``lam``."""
         return poly_features(lam, self.cfg.learned.degree) @ self.weights
 
     def _draw(self, n: int) -> np.ndarray:
@@ -432,8 +446,9 @@ def from_results_table(
 ) -> PolynomialLambdaScheduler:
     """A fitted :class:`PolynomialLambdaScheduler` from a results table (see :func:`read_results_table`).
 
-    ``learned`` sets the other :class:`~raypo.config.LearnedLambdaConfig` fields (degree, num_candidates,
-    temperature); m is ``len(lambda_columns)``.
+    ``learned`` sets the other :class:`~raypo.config.LearnedLambdaConfig` fields (degree, tau, candidates,
+    num_candidates, dirichlet_alpha, grid_resolution, seed of the candidates); m is ``len(lambda_columns)``;
+    ``seed`` is the lambda stream's (``lambdas.seed``).
     """
     points = read_results_table(path_or_rows, lambda_columns, score_column)
     cfg = LambdaConfig(schedule="learned", seed=seed, per=per, learned=LearnedLambdaConfig(
@@ -482,6 +497,7 @@ def build_lambda_schedule(cfg: Union[LambdaConfig, Mapping[str, Any]],
         raise ValueError(f"lambda schedule={cfg.schedule!r} is not one of {SCHEDULES}")
     if cfg.per not in ("prompt", "batch"):
         raise ValueError(f"lambda per={cfg.per!r} must be 'prompt' or 'batch'")
-    if cfg.gaussian_negatives not in ("clip", "abs", "softmax"):
-        raise ValueError(f"lambda gaussian_negatives={cfg.gaussian_negatives!r} must be clip, abs or softmax")
+    if cfg.gaussian_negatives not in GAUSSIAN_NEGATIVES:
+        raise ValueError(f"lambda gaussian_negatives={cfg.gaussian_negatives!r} is not one of "
+                         f"{', '.join(GAUSSIAN_NEGATIVES)}")
     return _CLASSES[cfg.schedule](cfg, num_dims)

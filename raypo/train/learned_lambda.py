@@ -9,13 +9,20 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
+from raypo.config import LearnedLambdaConfig
+from raypo.config.validate import temperature_problem
 from raypo.storage import open_text
+
+#: Fewest (lambda, score) points a fit accepts: one point gives no direction to prefer.
+MIN_POINTS = 2
 
 
 def monomial_exponents(m: int, degree: int) -> list[tuple[int, ...]]:
@@ -52,23 +59,90 @@ def fit_poly_scheduler(lambdas: Union[np.ndarray, Sequence[Sequence[float]]], sc
     return w
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def softmax_scores(f: np.ndarray, tau: float) -> np.ndarray:
+    """``p_j = exp(tau * f_j) / sum_l exp(tau * f_l)`` (lambda-DPO paper, Appendix D.4): tau multiplies the
+    scores (an inverse temperature; the paper's tau = 100), tau = 0 is uniform. Max-subtracted, float64."""
+    x = float(tau) * np.asarray(f, dtype=np.float64)
     e = np.exp(x - x.max())
     return e / e.sum()
 
 
-def poly_scheduler_table(weights: np.ndarray, degree: int, m: int, num_candidates: int, temperature: float,
-                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """K candidates from Dirichlet(1), ``a_hat = Phi(c) w`` and ``pi = softmax(a_hat / tau)``.
+def simplex_grid(m: int, resolution: int) -> np.ndarray:
+    """All points of the simplex whose coordinates are multiples of 1/resolution: every composition of
+    ``resolution`` into m non-negative parts, divided by ``resolution`` (Appendix D.3's "all combinations
+    with replacement, normalised"). ``[C(resolution + m - 1, m - 1), m]``; m = 4, resolution 4: 35 rows."""
+    if m < 1 or resolution < 1:
+        raise ValueError(f"simplex_grid(m={m}, resolution={resolution}) needs m >= 1, resolution >= 1")
+    rows = [np.bincount(c, minlength=m) for c in
+            itertools.combinations_with_replacement(range(m), resolution)]
+    return np.asarray(rows, dtype=np.float64) / resolution
 
-    Returns ``(candidates [K, m], a_hat [K], pi [K])``.
-    """
-    if num_candidates < 1 or not temperature > 0:
-        raise ValueError(f"poly scheduler needs num_candidates >= 1 and temperature > 0, got "
-                         f"{num_candidates}, {temperature}")
-    cands = rng.dirichlet(np.ones(m), size=num_candidates)
-    a_hat = poly_features(cands, degree) @ weights
-    return cands, a_hat, _softmax(a_hat / temperature)
+
+def candidate_set(learned: LearnedLambdaConfig, m: int) -> np.ndarray:
+    """The candidate lambdas of Appendix D.3, ``[K, m]``: the simplex grid of ``grid_resolution``
+    (``candidates: grid``), or ``num_candidates`` draws from Dirichlet(``dirichlet_alpha``, default 1 each:
+    uniform on the simplex) seeded by ``learned.seed`` (``candidates: dirichlet``; the paper's example:
+    K = 10). The same on every rank: the seed does not depend on the rank's lambda stream."""
+    if learned.candidates == "grid":
+        return simplex_grid(m, learned.grid_resolution)
+    if learned.candidates != "dirichlet":
+        raise ValueError(f"lambdas.learned.candidates={learned.candidates!r} must be 'dirichlet' or 'grid'")
+    alpha = np.ones(m) if learned.dirichlet_alpha is None else np.asarray(learned.dirichlet_alpha, float)
+    if alpha.shape == (1,):
+        alpha = np.repeat(alpha, m)
+    if alpha.shape != (m,) or not (alpha > 0).all():
+        raise ValueError(f"lambdas.learned.dirichlet_alpha={learned.dirichlet_alpha} must be 1 or {m} "
+                         "positive concentrations")
+    if learned.num_candidates < 1:
+        raise ValueError(f"lambdas.learned.num_candidates={learned.num_candidates} must be >= 1")
+    rng = np.random.Generator(np.random.PCG64(learned.seed))
+    return rng.dirichlet(alpha, size=learned.num_candidates)
+
+
+@dataclass
+class LearnedFit:
+    """A fitted scheduler: the polynomial, its residuals at the probe points and the candidate table."""
+
+    degree: int
+    weights: np.ndarray  # w [F]
+    residuals: np.ndarray  # f(lambda_i) - y_i at the probe points [n]
+    candidates: np.ndarray  # [K, m]
+    f: np.ndarray  # predicted score of each candidate [K]
+    p: np.ndarray  # softmax(tau * f) [K]
+
+    def features(self) -> list[str]:
+        """The monomial of each weight, e.g. ``1``, ``l0``, ``l0*l1``, ``l2^2``."""
+        return [monomial_name(idx) for idx in monomial_exponents(self.candidates.shape[1], self.degree)]
+
+
+def monomial_name(idx: tuple[int, ...]) -> str:
+    if not idx:
+        return "1"
+    return "*".join(f"l{k}" if n == 1 else f"l{k}^{n}" for k, n in sorted(Counter(idx).items()))
+
+
+def fit_learned(lambdas: np.ndarray, scores: np.ndarray, learned: LearnedLambdaConfig) -> LearnedFit:
+    """Appendix D.1-D.4 end to end: fit, candidates, distribution. Needs at least :data:`MIN_POINTS`."""
+    check_learned(learned)
+    lam = np.atleast_2d(np.asarray(lambdas, dtype=np.float64))
+    y = np.asarray(scores, dtype=np.float64)
+    if len(lam) < MIN_POINTS:
+        raise ValueError(f"the learned lambda scheduler needs at least {MIN_POINTS} (lambda, score) points, "
+                         f"got {len(lam)}: probe more lambdas")
+    w = fit_poly_scheduler(lam, y, learned.degree)
+    cands = candidate_set(learned, lam.shape[1])
+    f = poly_features(cands, learned.degree) @ w
+    return LearnedFit(learned.degree, w, poly_features(lam, learned.degree) @ w - y, cands, f,
+                      softmax_scores(f, learned.tau))
+
+
+def check_learned(learned: LearnedLambdaConfig) -> None:
+    """The checks of :func:`raypo.config.validate` for code that builds the config directly."""
+    if learned.temperature is not None:
+        raise ValueError(temperature_problem(learned.temperature))
+    if learned.degree < 1 or not (math.isfinite(learned.tau) and learned.tau >= 0):
+        raise ValueError(f"lambdas.learned needs degree >= 1 and a finite tau >= 0, got degree="
+                         f"{learned.degree}, tau={learned.tau}")
 
 
 def read_results_table(
@@ -103,3 +177,17 @@ def read_results_table(
     if not points:
         raise ValueError("read_results_table: no row has finite lambda and score values")
     return points
+
+
+def table_columns(path: Union[str, Path]) -> list[str]:
+    """The header of a CSV results table (local or s3://)."""
+    with open_text(str(path)) as f:
+        return next(csv.reader(f), [])
+
+
+def lambda_columns_in(columns: Sequence[str]) -> list[str]:
+    """The ``lambda_0 .. lambda_{m-1}`` columns of a results table (as ``raypo tune`` writes them for a
+    ``lambdas.weights`` search), ordered by index; ``[]`` if there are none."""
+    found = {int(c[len("lambda_"):]): c for c in columns
+             if c.startswith("lambda_") and c[len("lambda_"):].isdigit()}
+    return [found[k] for k in sorted(found)]

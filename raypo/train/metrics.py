@@ -4,7 +4,7 @@ ranking metrics of the implicit rewards (per dimension too), a per-token KL esti
 from __future__ import annotations
 
 import math
-import time
+from typing import Optional
 
 import torch
 
@@ -12,7 +12,8 @@ from raypo.losses import LossOutput
 from raypo.losses.metrics import finalize_metrics, ranking_metrics
 from raypo.model.batch import ListwiseBatch
 from raypo.train.collectives import MetricSums, all_reduce_metric_sums
-from raypo.train.objective import Objective, scalar_scores
+from raypo.train.objective import Objective
+from raypo.train.perf import FlopsModel, peak_flops
 from raypo.train.reference import ReferenceOutputs
 
 _ONE = torch.ones((), dtype=torch.float64)
@@ -25,7 +26,7 @@ def scalar(value: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 def batch_metric_sums(objective: Objective, batch: ListwiseBatch, out: LossOutput,
                       policy_logps_raw: torch.Tensor, ref: ReferenceOutputs, prefix: str,
-                      device: torch.device) -> MetricSums:
+                      device: torch.device, lam: Optional[torch.Tensor] = None) -> MetricSums:
     """Loss, ranking metrics of the implicit rewards, KL estimate and token counts of one micro-batch."""
     mask = batch.response_mask().to(device)
     num_tokens = batch.num_scored_tokens().to(device)
@@ -33,10 +34,10 @@ def batch_metric_sums(objective: Objective, batch: ListwiseBatch, out: LossOutpu
     sums: MetricSums = {f"{prefix}loss_numerator": (out.numerator.detach().double().cpu(), _ONE),
                         f"{prefix}loss_denominator": (torch.as_tensor(out.denominator).double().cpu(), _ONE)}
     # Ranking metrics on the mean of the ratings, and per dimension when there are several.
-    labels = scalar_scores({k: v.to(device) for k, v in batch.extras.items()})
+    # The labels follow the objective's missing-rating rule and score reduction (docs/losses.md).
+    labels, per_dim = objective.metric_labels(batch, device, lam)
     if rewards is not None and labels is not None:
         sums.update(ranking_metrics(rewards, labels, mask, prefix=prefix))
-        per_dim = batch.extras.get("scores")
         if per_dim is not None and per_dim.dim() == 3 and per_dim.shape[-1] > 1:
             names = objective.dim_names if objective.dim_names and \
                 len(objective.dim_names) == per_dim.shape[-1] else None
@@ -63,19 +64,27 @@ def finalize(sums: MetricSums, prefix: str) -> dict[str, float]:
     return {k: v for k, v in out.items() if isinstance(v, float) and math.isfinite(v)}
 
 
-def window_metrics(window: MetricSums, start: float, engine, device: torch.device) -> dict[str, float]:
-    """The logging window's metrics reduced over ranks: training means, throughput, LR, gradient norm."""
+def window_metrics(window: MetricSums, elapsed: float, engine, device: torch.device, *, world_size: int = 1,
+                   flops_model: Optional[FlopsModel] = None) -> dict[str, float]:
+    """The logging window's metrics reduced over ranks: training means, throughput over the window's
+    ``elapsed`` wall seconds (evaluations and checkpoints left out), LR, gradient norm, and the model FLOPs
+    utilisation on a GPU of :data:`raypo.train.perf.PEAK_BF16_FLOPS` (:mod:`raypo.train.perf`)."""
     reduced = all_reduce_metric_sums(dict(window), device)
-    elapsed = max(time.time() - start, 1e-9)
+    elapsed = max(elapsed, 1e-9)
     zero = (torch.zeros(()), torch.zeros(()))
     tokens = float(reduced.pop("perf/tokens", zero)[0])
     prompts = float(reduced.pop("perf/prompts", zero)[0])
     padded = float(reduced.pop("perf/padded_tokens", zero)[0])
+    pairs = float(reduced.pop("perf/attn_pairs", zero)[0])
     metrics = finalize(reduced, "train/")
     metrics["perf/tokens_per_s"] = tokens / elapsed
+    metrics["perf/tokens_per_s_per_device"] = tokens / elapsed / max(world_size, 1)
     if padded > 0:  # real tokens / tokens the forwards ran, padding and zero-weight forwards included
         metrics["perf/padding_efficiency"] = tokens / padded
     metrics["perf/samples_per_s"] = prompts / elapsed
+    peak = peak_flops(device)
+    if flops_model is not None and peak is not None:
+        metrics["perf/mfu"] = flops_model.flops(tokens, pairs) / (elapsed * max(world_size, 1) * peak)
     lr = engine.get_lr()
     metrics["train/lr"] = float(lr[0] if isinstance(lr, (list, tuple)) else lr)
     grad_norm = engine.get_global_grad_norm()

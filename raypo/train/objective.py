@@ -2,58 +2,103 @@
 label rule, and whether it needs the reference model.
 
 What each loss reads from a collated batch: the data layer carries per-response ``scores`` ([B, N, m]
-ratings, NaN = missing), and optionally ``psi`` (LiPO labels) and ``ranks`` (1 = best). Each loss declares
-the label kind it needs (:attr:`raypo.losses.registry.LossSpec.labels`, docs/loss_reference.md §0.4):
+ratings, NaN = missing), and optionally ``ranks`` (1 = best) and ``win_probs``. The labels follow the
+run's :class:`LabelRules` (``loss.missing_ratings``, ``loss.score_reduction``, ``loss.lipo_labels``;
+docs/losses.md). Each loss declares the label kind it needs (:attr:`raypo.losses.registry.LossSpec.labels`,
+docs/loss_reference.md §0.4):
 
-* ``per_dimension_scores`` (lambda_dpo, ultrafb_best_worst_dpo): the [B, N, m] ratings as they are (the
-  loss turns them into softmax targets per dimension).
-* ``scalar_scores`` (LiPO, MPO, NCA, ...): LiPO losses take ``psi`` when the data has it; the others take
-  the mean of the available ratings, or ``-rank`` for rank-only data.
+* ``per_dimension_scores`` (lambda_dpo, ultrafb_best_worst_dpo): the [B, N, m] ratings after the
+  missing-rating rule (the loss turns them into softmax targets per dimension).
+* ``scalar_scores`` (LiPO, MPO, NCA, ...): one score per response, the available ratings reduced by
+  ``loss.score_reduction`` (or ``-rank`` for rank-only data); LiPO losses take psi computed from it here,
+  at training time, by ``loss.lipo_labels`` (the tokenised ``psi`` column is not read).
 * ``pairwise_order`` (dpo, ipo, slic, simpo, mallows_*): the same scalar, from which the loss picks the
   best and worst valid responses (column 0 = chosen when N = 2 and no scores exist).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 
 from raypo.config import RaypoConfig
 from raypo.losses import LossOutput
+from raypo.losses.label_rules import impute_ratings, lipo_psi, reduce_ratings
+from raypo.losses.labels import DEFAULT_RATING
 from raypo.losses.registry import LossSpec, get_loss_spec
 from raypo.model.batch import ListwiseBatch
 
 
-def scalar_scores(extras: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """[B, N] scalar preference per response (larger is better): the mean of the available ratings, or
-    ``-rank`` for rank-only data; NaN where unknown."""
-    scores = extras.get("scores")
+@dataclass(frozen=True)
+class LabelRules:
+    """How labels are built from a batch's ratings (docs/losses.md "Missing ratings", "One score per
+    response", "LiPO labels"); the ``loss.*`` keys of the same names."""
+
+    missing_ratings: str = "drop"  # drop | impute (missing = default_rating, the official lambda-DPO code)
+    score_reduction: str = "mean"  # mean | lambda
+    lipo_labels: str = "win_rate"
+    lipo_label_temperature: float = 1.0
+    default_rating: float = DEFAULT_RATING
+
+    def ratings(self, extras: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The data's ``scores`` ([B, N, m], NaN = missing) after the missing-rating rule."""
+        scores = extras.get("scores")
+        if scores is None or self.missing_ratings != "impute":
+            return scores
+        # Padded responses become 1.0 too; every loss and metric masks them by the response mask.
+        return impute_ratings(scores, self.default_rating)
+
+
+def scalar_scores(extras: dict[str, torch.Tensor], rules: LabelRules = LabelRules(),
+                  lam: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """[B, N] scalar preference per response (larger is better): the available ratings reduced by
+    ``rules.score_reduction`` (mean, or lambda-weighted by ``lam``), or ``-rank`` for rank-only data; NaN
+    where unknown (an unrated response, padding)."""
+    scores = rules.ratings(extras)
     if scores is not None and scores.numel() > 0 and not torch.isnan(scores).all():
         if scores.dim() == 2:
             return scores
-        valid = ~torch.isnan(scores)
-        total = torch.where(valid, scores, torch.zeros_like(scores)).sum(-1)
-        count = valid.sum(-1)
-        return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+        if rules.score_reduction == "lambda" and lam is None:
+            raise ValueError("loss.score_reduction=lambda needs the prompt's lambda draw; none was drawn")
+        return reduce_ratings(scores, reduction=rules.score_reduction, lam=lam)
     ranks = extras.get("ranks")
     if ranks is not None:
         return -ranks
     return None
 
 
-def loss_labels(spec: LossSpec, extras: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+def lipo_labels(extras: dict[str, torch.Tensor], mask: torch.Tensor, rules: LabelRules = LabelRules(),
+                lam: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """LiPO psi [B, N] by ``rules.lipo_labels`` from the ranks when every row has them (the LiPO paper's
+    rank rule), else from the reduced ratings; NaN at unrated responses, which leave every pair."""
+    ranks = extras.get("ranks")
+    has_ranks = ranks is not None and not torch.isnan(ranks).all()
+    scores = -ranks if has_ranks else scalar_scores(extras, rules, lam)
+    if rules.lipo_labels == "matrix":
+        scores = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    elif scores is None:
+        return None
+    return lipo_psi(scores, mask, rule=rules.lipo_labels, temperature=rules.lipo_label_temperature,
+                    win_probs=extras.get("win_probs"))
+
+
+def loss_labels(spec: LossSpec, extras: dict[str, torch.Tensor], rules: LabelRules = LabelRules(),
+                lam: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                ) -> Optional[torch.Tensor]:
     """The ``scores`` argument of :func:`raypo.losses.listwise_loss` for this loss."""
     if spec.labels == "per_dimension_scores":
-        scores = extras.get("scores")
+        scores = rules.ratings(extras)
         if scores is None or scores.dim() != 3:
             raise ValueError(f"loss {spec.name} needs per-dimension ratings [B, N, m] in the data's 'scores' "
                              "column; this dataset has none (use a rated dataset or another loss)")
         return scores
-    if spec.family == "lipo" and "psi" in extras and not torch.isnan(extras["psi"]).all():
-        return extras["psi"]
-    return scalar_scores(extras)
+    if spec.family == "lipo":
+        if mask is None:
+            raise ValueError("loss_labels: LiPO labels need the batch's response mask")
+        return lipo_labels(extras, mask, rules, lam)
+    return scalar_scores(extras, rules, lam)
 
 
 def sequence_logps(logps: torch.Tensor, num_tokens: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -82,6 +127,7 @@ class Objective:
     uses_reference: bool
     dispersion_c: float
     dim_names: Optional[list[str]]
+    rules: LabelRules = LabelRules()
 
     @classmethod
     def from_config(cls, cfg: RaypoConfig, dim_names: Optional[list[str]]) -> Objective:
@@ -89,21 +135,41 @@ class Objective:
         hparams = dict(cfg.loss.params)
         if cfg.loss.beta is not None:
             hparams["beta"] = cfg.loss.beta
+        if "missing_ratings" in spec.defaults:  # the loss applies the rule itself (lambda_dpo)
+            hparams["missing_ratings"] = cfg.loss.missing_ratings
         spec.check_hparams(hparams)
+        rules = LabelRules(missing_ratings=cfg.loss.missing_ratings, score_reduction=cfg.loss.score_reduction,
+                           lipo_labels=cfg.loss.lipo_labels,
+                           lipo_label_temperature=cfg.loss.lipo_label_temperature,
+                           default_rating=float(hparams.get("default_rating", DEFAULT_RATING)))
         return cls(spec=spec, hparams=hparams, reduction=spec.logp_reduction_for(hparams),
                    uses_reference=spec.uses_reference(hparams), dispersion_c=cfg.loss.dispersion_c,
-                   dim_names=dim_names)
+                   dim_names=dim_names, rules=rules)
 
     @property
     def needs_lambda(self) -> bool:
-        return self.spec.needs_lambda
+        """A lambda is drawn per prompt: the loss weights dimensions, or the scores are lambda-weighted."""
+        return self.spec.needs_lambda or (self.rules.score_reduction == "lambda"
+                                          and self.spec.labels != "per_dimension_scores")
 
     def needs_reference_model(self) -> bool:
         """A reference forward is needed: for its log-probs, or for MallowsPO's entropies."""
         return self.uses_reference or self.spec.needs_dispersion
 
-    def labels(self, batch: ListwiseBatch, device: torch.device) -> Optional[torch.Tensor]:
-        return loss_labels(self.spec, {k: v.to(device) for k, v in batch.extras.items()})
+    def labels(self, batch: ListwiseBatch, device: torch.device,
+               lam: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        return loss_labels(self.spec, {k: v.to(device) for k, v in batch.extras.items()}, self.rules, lam,
+                           batch.response_mask().to(device))
+
+    def metric_labels(self, batch: ListwiseBatch, device: torch.device, lam: Optional[torch.Tensor] = None
+                      ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(scalar [B, N], per-dimension [B, N, m] or None)`` labels of the ranking metrics, under the
+        same missing-rating rule and score reduction as the loss."""
+        extras = {k: v.to(device) for k, v in batch.extras.items()}
+        rules = self.rules
+        if rules.score_reduction == "lambda" and lam is None:  # no draw (e.g. a rank-only batch)
+            rules = replace(rules, score_reduction="mean")
+        return scalar_scores(extras, rules, lam), self.rules.ratings(extras)
 
     def loss(self, batch: ListwiseBatch, policy_logps_raw: torch.Tensor, ref_logps: Optional[torch.Tensor],
              dispersion: Optional[torch.Tensor], lam: Optional[torch.Tensor],
@@ -119,10 +185,12 @@ class Objective:
         if self.spec.needs_dispersion:
             kwargs["dispersion"] = dispersion
         return self.spec.fn(policy, ref_logps if self.uses_reference else None, mask=mask,
-                            scores=self.labels(batch, device), **kwargs, **self.hparams)
+                            scores=self.labels(batch, device, lam), **kwargs, **self.hparams)
 
     def denominator(self, batch: ListwiseBatch, lam: Optional[torch.Tensor], device: torch.device) -> float:
         """The loss's denominator (count of prompts, pairs or items) for a batch, from its labels and masks
         alone, so the whole step can be normalised before any forward."""
         mask = batch.response_mask().to(device)
-        return float(self.spec.denominator(mask, scores=self.labels(batch, device), lam=lam, **self.hparams))
+        lam_arg = lam if self.spec.needs_lambda else None
+        return float(self.spec.denominator(mask, scores=self.labels(batch, device, lam), lam=lam_arg,
+                                           **self.hparams))

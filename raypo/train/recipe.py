@@ -19,8 +19,12 @@ only when every rank has k micro-batches (all-reduce MIN), the response-chunk co
 token budget every rank runs the same number of bins (docs/training.md).
 
 The rest of the loop (:meth:`ListwiseRecipe.train`): evaluate at step 0 (every implicit reward is 0 there),
-then step, and every ``logging.log_every`` steps report the window's metrics, evaluating every
-``train.eval_every`` steps and checkpointing every ``checkpoint.every_steps`` steps and at the end.
+then step, and every ``logging.log_every`` steps log the window's metrics (rank 0 writes the row:
+:mod:`raypo.train.metrics_log`), evaluating every ``train.eval_every`` steps and checkpointing every
+``checkpoint.every_steps`` steps and at the end. Ray Train gets a report only when it needs one (a
+checkpoint, an evaluation, the metric a Tune scheduler decides on, the end, and at most every
+``logging.report_interval_s`` seconds besides): each report waits on Ray Train's controller, which polls
+the workers about every 2 s. The loop's own clock is in :mod:`raypo.train.perf`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from raypo.train.engines import Engines, build_engines, set_accumulation_boundar
 from raypo.train.lambda_schedules import LambdaSchedule, build_lambda_schedule
 from raypo.train.metrics import batch_metric_sums, finalize, scalar, window_metrics
 from raypo.train.objective import Objective
+from raypo.train.perf import FlopsModel, LoopWindow, attended_pairs, peak_flops
 from raypo.train.reference import reference_outputs
 from raypo.train.token_budget import StepForward, batch_padded_tokens, pack_step
 
@@ -78,6 +83,13 @@ class ListwiseRecipe:
         self.per_group = cfg.train.reference == "precomputed"
         self.train_shards: Any = None  # epoch -> Ray Data shard, set by setup()
         self.eval_shard: Any = None
+        self.metrics_log: Any = None  # rank 0's raypo.train.metrics_log.MetricsLog, set by setup()
+        self.report_metric: Optional[str] = None  # a Tune trial's metric: every row carrying it goes to Ray
+        self.checkpoint_base: Optional[str] = None  # <storage>/<run name>, for the progress line
+        self._last_ray_report = time.perf_counter()
+        # Model FLOPs only where a peak is known to divide them by (perf/mfu on listed GPUs).
+        self.flops_model = FlopsModel.from_hf_config(engines.hf_config) \
+            if engines.hf_config is not None and peak_flops(device) is not None else None
 
     # ------------------------------------------------------------------------------------------------
     # Setup
@@ -115,7 +127,15 @@ class ListwiseRecipe:
         recipe.train_shards = lambda epoch: ray.train.get_dataset_shard(train_key(epoch))
         if loop_config.get("has_eval"):
             recipe.eval_shard = ray.train.get_dataset_shard(EVAL_KEY)
-        recipe.restore()
+        resumed = recipe.restore()
+        recipe.report_metric = loop_config.get("report_metric")
+        recipe.checkpoint_base = loop_config.get("checkpoint_base")
+        if rank == 0 and loop_config.get("run_dir"):
+            from raypo.train.metrics_log import MetricsLog
+
+            recipe.metrics_log = MetricsLog(cfg, loop_config["run_dir"], loop_config["run_name"],
+                                            keep_through=recipe.state.global_step if resumed else -1,
+                                            remote_path=loop_config.get("remote_metrics_path"))
         return recipe
 
     # ------------------------------------------------------------------------------------------------
@@ -170,9 +190,12 @@ class ListwiseRecipe:
             if not f.real:
                 continue
             sums = merge_metric_sums(sums, batch_metric_sums(self.objective, f.batch, holder["out"],
-                                                             result.logps, ref, "train/", self.device))
+                                                             result.logps, ref, "train/", self.device,
+                                                             f.lam))
             tokens += float(f.batch.token_stats()["shared_tokens" if prefix_sharing else "unshared_tokens"])
-            sums = merge_metric_sums(sums, {"perf/prompts": scalar(f.batch.num_groups)})
+            pairs = attended_pairs(f.batch, prefix_sharing)
+            sums = merge_metric_sums(sums, {"perf/prompts": scalar(f.batch.num_groups),
+                                            "perf/attn_pairs": scalar(pairs)})
         engine.step()  # the optimizer steps here, once: the boundary was set on the last forward
         return merge_metric_sums(sums, {"perf/tokens": scalar(tokens), "perf/padded_tokens": scalar(padded),
                                         "perf/forwards": scalar(len(forwards))})
@@ -226,7 +249,7 @@ class ListwiseRecipe:
                     lam = torch.full((m,), 1.0 / m, device=self.device)
                 out = self.objective.loss(batch, out_lp.logps, ref.logps, ref.dispersion, lam, self.device)
                 sums = merge_metric_sums(sums, batch_metric_sums(self.objective, batch, out, out_lp.logps,
-                                                                 ref, "eval/", self.device))
+                                                                 ref, "eval/", self.device, lam))
         engine.train()
         return finalize(collectives.all_reduce_metric_sums(sums, self.device), "eval/")
 
@@ -244,19 +267,21 @@ class ListwiseRecipe:
         if state.lambda_state and self.schedule is not None:
             self.schedule.load_state_dict(state.lambda_state)
 
-    def restore(self) -> None:
-        """Resume from Ray Train's latest checkpoint, if any (a worker failure or a driver restart)."""
+    def restore(self) -> bool:
+        """Resume from Ray Train's latest checkpoint, if any (a worker failure or a driver restart); whether
+        there was one."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return
+            return False
         with ckpt.as_directory() as local:
             state = load_checkpoint(self.engines.policy, local)
         if self.rank == 0:
             print(f"raypo: resuming from {ckpt.path} at step {state.global_step} (epoch {state.epoch}, "
                   f"{state.batches_in_epoch} micro-batches into it)", flush=True)
         self.load_state_dict(state)
+        return True
 
     def report(self, metrics: dict[str, float], *, checkpoint: bool) -> None:
         """Hand metrics (and, when ``checkpoint``, this rank's shards of a checkpoint) to Ray Train."""
@@ -297,25 +322,75 @@ class ListwiseRecipe:
             state.epoch += 1
             state.batches_in_epoch = 0
 
-    def log_eval_checkpoint(self, window: MetricSums, window_start: float, *, evaluate: bool,
-                            checkpoint: bool) -> None:
-        """Report the window's metrics, with an evaluation and a checkpoint when asked: the one place a
-        step's results leave the worker."""
-        metrics = window_metrics(window, window_start, self.engines.policy, self.device) if window else {}
+    def log_eval_checkpoint(self, window: MetricSums, clock: LoopWindow, *, evaluate: bool,
+                            checkpoint: bool, last: bool = False) -> LoopWindow:
+        """Cut the logging window: its metrics reduced over ranks (with the loop's timing), an evaluation
+        and a checkpoint when asked; the row goes out through :meth:`emit`. Returns the next window's clock:
+        the evaluation and the checkpoint are left out of its wall time, a plain Ray report is counted."""
+        now = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if window:
+            metrics = window_metrics(merge_metric_sums(window, clock.sums(now)), clock.wall(now),
+                                     self.engines.policy, self.device, world_size=self.world_size,
+                                     flops_model=self.flops_model)
+        following = LoopWindow(start=now)
         if evaluate and self.eval_shard is not None:
             metrics.update(self.evaluate())
-        self.report(metrics, checkpoint=checkpoint)
+            following.excluded_s += time.perf_counter() - now
+        self.emit(metrics, checkpoint=checkpoint, force=evaluate or last, clock=following)
+        return following
+
+    def emit(self, metrics: dict[str, float], *, checkpoint: bool, force: bool,
+             clock: Optional[LoopWindow] = None) -> None:
+        """The one place a step's results leave the worker: rank 0 writes the row (metrics.jsonl, trackers,
+        console) and every rank reports to Ray Train when it needs it: a checkpoint, ``force`` (evaluations,
+        the end), the Tune trial's metric, or ``logging.report_interval_s`` elapsed on rank 0."""
+        started = time.perf_counter()
+        row = {**metrics, "step": self.state.global_step, "epoch": self.state.epoch}
+        if self.metrics_log is not None:
+            note = None
+            if checkpoint:
+                note = checkpoint_dir_name(self.state.global_step)
+                note = f"{self.checkpoint_base}/{note}" if self.checkpoint_base else note
+            self.metrics_log.write(row, checkpoint=note)
+        if checkpoint or force or (self.report_metric is not None and self.report_metric in metrics) \
+                or self._report_due():
+            self.report(metrics, checkpoint=checkpoint)
+            self._last_ray_report = time.perf_counter()
+            if self.metrics_log is not None:
+                self.metrics_log.sync()
+        if clock is not None:
+            if checkpoint:
+                clock.excluded_s += time.perf_counter() - started
+            else:
+                clock.report_wait_s += time.perf_counter() - started
+
+    def _report_due(self) -> bool:
+        """Rank 0's clock decides, for every rank (a report is a collective call in Ray Train)."""
+        interval = self.cfg.logging.report_interval_s
+        if not interval:
+            return False
+        due = self.rank == 0 and time.perf_counter() - self._last_ray_report >= interval
+        return bool(collectives.agreed_max(int(due), self.device))
 
     def train(self) -> None:
         t, state = self.cfg.train, self.state
         log_every, ckpt_every = self.cfg.logging.log_every, self.cfg.checkpoint.every_steps
         if self.eval_shard is not None and state.global_step == 0:
-            self.report(self.evaluate(), checkpoint=False)  # the baseline: every implicit reward is 0
+            # the baseline: every implicit reward is 0
+            self.emit(self.evaluate(), checkpoint=False, force=True)
         last_checkpoint = state.global_step if state.global_step > 0 else -1
         window: MetricSums = {}
-        window_start = time.time()
-        for micro in self.steps():
+        clock = LoopWindow()
+        steps = self.steps()
+        while True:
+            waited = time.perf_counter()
+            micro = next(steps, None)
+            if micro is None:
+                break
+            started = time.perf_counter()
             sums = self.train_step(micro)
+            clock.add_step(started - waited, time.perf_counter() - started)
             window = merge_metric_sums(window, sums)
             state.global_step += 1
             state.batches_in_epoch += t.grad_accum_steps
@@ -325,15 +400,18 @@ class ListwiseRecipe:
             do_eval = bool(t.eval_every and state.global_step % t.eval_every == 0) or last
             do_ckpt = bool(ckpt_every and state.global_step % ckpt_every == 0) or last
             if state.global_step % log_every == 0 or do_eval or do_ckpt or state.global_step == 1:
-                self.log_eval_checkpoint(window, window_start, evaluate=do_eval, checkpoint=do_ckpt)
-                window, window_start = {}, time.time()
+                clock = self.log_eval_checkpoint(window, clock, evaluate=do_eval, checkpoint=do_ckpt,
+                                                 last=last)
+                window = {}
                 last_checkpoint = state.global_step if do_ckpt else last_checkpoint
         if state.global_step < t.max_steps:
             if self.rank == 0:
                 print(f"raypo: the data ran out after {state.global_step} of {t.max_steps} steps "
                       f"({t.epochs} epoch(s)); raise train.epochs or lower train.max_steps", flush=True)
             if state.global_step != last_checkpoint:  # the run still ends with an evaluated checkpoint
-                self.log_eval_checkpoint(window, window_start, evaluate=True, checkpoint=True)
+                self.log_eval_checkpoint(window, clock, evaluate=True, checkpoint=True, last=True)
+        if self.metrics_log is not None:
+            self.metrics_log.close()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

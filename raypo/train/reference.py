@@ -14,6 +14,10 @@ Exactness: in a batched forward a log-prob depends, in its last bits, on the oth
 (``grouped_logprobs(per_group=True)``), and a run with ``train.reference: precomputed`` computes its policy
 log-probs the same way, so the implicit rewards are exactly zero at step 0 in both reference modes.
 
+``per_group=False`` (:class:`ReferenceScorer`) batches the stage instead: one forward per batch of rows
+rather than one per group; values equal the per-group ones to float rounding (float64: 1e-12; float32:
+1e-6, tests/train/test_reference_batched.py), so step-0 rewards are then zero only to that rounding.
+
 During training, :func:`reference_outputs` gives a micro-batch's reference values: from these columns when
 the data carries them, else from the online reference engine, through the same function.
 """
@@ -38,7 +42,7 @@ class ReferenceScorer:
     """Ray Data callable class: loads the reference once per actor, scores batches of tokenised rows."""
 
     def __init__(self, ref_path: str, dtype: str, attention: str, prefix_sharing: bool, with_entropy: bool,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, *, per_group: bool = True):
         from raypo.model.listwise import ListwiseLogProbModel
         from raypo.model.loading import load_reference, without_zero3_init
 
@@ -49,6 +53,7 @@ class ReferenceScorer:
         self.model = ListwiseLogProbModel(model.to(self.device))
         self.prefix_sharing = prefix_sharing
         self.with_entropy = with_entropy
+        self.per_group = per_group
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from raypo.model.batch import collate_listwise
@@ -57,7 +62,7 @@ class ReferenceScorer:
         batch = collate_listwise(rows)
         with torch.no_grad():
             out = grouped_logprobs(self.model, batch, prefix_sharing=self.prefix_sharing,
-                                   with_entropy=self.with_entropy, per_group=True)
+                                   with_entropy=self.with_entropy, per_group=self.per_group)
         counts = [len(r["response_ids"]) for r in rows]
         table = _set_column(table, "ref_logps", _ragged(out.logps, counts))
         if self.with_entropy:
@@ -90,14 +95,19 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
 
     if with_entropy is None:
         with_entropy = get_loss_spec(cfg.loss.name).needs_dispersion
+    from raypo.progress import ray_data_stage
+
     use_gpu = cfg.scaling.use_gpu
-    return ds.map_batches(
-        ReferenceScorer,
-        fn_constructor_args=(ref_path, worker_dtype(cfg), cfg.model.attention, cfg.model.prefix_sharing,
-                             with_entropy, s3_options(cfg)),
-        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
-        num_gpus=1 if use_gpu else 0, num_cpus=1,
-    ).materialize()
+    with ray_data_stage("reference log-probs", unit="prompts") as stage:
+        scored = ds.map_batches(
+            ReferenceScorer,
+            fn_constructor_args=(ref_path, worker_dtype(cfg), cfg.model.attention, cfg.model.prefix_sharing,
+                                 with_entropy, s3_options(cfg)),
+            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+            num_gpus=1 if use_gpu else 0, num_cpus=1,
+        ).materialize()
+        stage.done = scored.count()
+    return scored
 
 
 @dataclass

@@ -90,10 +90,11 @@ def _file_sha256(path: Path) -> str:
 def _local_model_dir(ref_path: str) -> Path:
     """The local directory of ``ref_path``: a directory as is, ``s3://`` and ``tiny://`` from this node's
     cache (copied or built if missing), a Hugging Face id from the local HF cache."""
+    from raypo.model.gguf_source import is_gguf_source
     from raypo.model.loading import resolve_model_source
     from raypo.model.tiny import is_tiny_spec
 
-    if str(ref_path).startswith("s3://") or is_tiny_spec(str(ref_path)):
+    if str(ref_path).startswith("s3://") or is_tiny_spec(str(ref_path)) or is_gguf_source(str(ref_path)):
         ref_path = resolve_model_source(str(ref_path))
     path = Path(os.path.expanduser(str(ref_path)))
     if path.is_dir():
@@ -250,20 +251,16 @@ def _write_entry(entry: str, key: CacheKey, table: pa.Table, s3_cfg: Any) -> Non
     """Data first (a fresh uuid directory), the manifest last: a reader never sees a partial entry."""
     name = uuid.uuid4().hex
     data_path = _join(entry, name, "part-00000.parquet")
-    fs = _fs(data_path, s3_cfg)
-    if not data_path.startswith("s3://"):
-        os.makedirs(os.path.dirname(data_path), exist_ok=True)
-    with fs.open(data_path, "wb") as f:
+    from raypo.storage import atomic_output
+
+    # each file is written aside and renamed (S3: appears when its upload completes), so a full disk
+    # leaves no partial file and a one-line StorageWriteError naming the path
+    with atomic_output(data_path, "wb", s3_cfg) as f:
         pq.write_table(table, f)
     manifest = {"components": key.components(), "key": key.digest, "num_rows": table.num_rows,
                 "data": name, "columns": table.column_names}
-    final = _join(entry, "manifest.json")
-    # An S3 object appears whole when its upload completes; a local file is written aside and renamed.
-    tmp = final if final.startswith("s3://") else _join(entry, f".manifest-{name}.json")
-    with fs.open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(_join(entry, "manifest.json"), "w", s3_cfg, encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
-    if tmp != final:
-        os.replace(tmp, final)
 
 
 def _read_entry(entry: str, manifest: Mapping[str, Any], s3_cfg: Any) -> pa.Table:

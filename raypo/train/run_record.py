@@ -9,7 +9,9 @@ every later start compares against it:
 * same run-defining config: resume (the settings that may change on a resume are listed in
   :data:`RESUMABLE`: more steps or epochs, evaluation cadence, checkpointing, logging, cluster address);
 * anything else differs: refuse before any cluster work, naming each differing key with both values and
-  the two ways out (a new ``checkpoint.run_name``, or deleting the old run).
+  the two ways out (a new ``checkpoint.run_name``, or deleting the old run);
+* unless the run holds no checkpoint yet (an earlier start failed before training): then there is
+  nothing to resume, and the record is replaced with the new config (saying so).
 """
 
 from __future__ import annotations
@@ -58,24 +60,26 @@ def run_directory(cfg: RaypoConfig, name: str) -> str:
 
 
 def latest_checkpoint(cfg: RaypoConfig, name: str) -> tuple[str, int] | None:
-    """(directory, global step) of the run's newest complete checkpoint, or None."""
+    """(directory, global step) of the run's newest good checkpoint, or None.
+
+    The one definition shared with Ray Train: the newest checkpoint in Ray's own list whose manifest
+    checks out (:func:`raypo.train.checkpoint_integrity.latest_good_checkpoint`); damaged ones are set
+    aside or refused according to ``checkpoint.on_corrupt``.
+    """
     from raypo.storage import fsspec_for
-    from raypo.train.checkpoint import STATE_FILE
+    from raypo.train.checkpoint_integrity import latest_good_checkpoint
 
     run_dir = run_directory(cfg, name)
     fs = fsspec_for(run_dir, cfg.data.s3)
     if not fs.exists(run_dir):
         return None
-    steps = sorted((p for p in fs.ls(run_dir, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(
-        "step_")), reverse=True)
-    for path in steps:
-        state = f"{path.rstrip('/')}/{STATE_FILE}"
-        if fs.exists(state):
-            with fs.open(state, "r") as f:
-                step = int(json.load(f)["global_step"])
-            where = f"{run_dir}/{path.rstrip('/').rsplit('/', 1)[-1]}"
-            return where, step
-    return None
+    return latest_good_checkpoint(run_dir, fs, getattr(cfg.checkpoint, "on_corrupt", "fallback"))
+
+
+def _has_checkpoint(run_dir: str, fs) -> bool:
+    from raypo.train.checkpoint_integrity import listed_checkpoints, read_snapshot
+
+    return bool(listed_checkpoints(read_snapshot(run_dir, fs)))
 
 
 def check_or_write_run_record(cfg: RaypoConfig, name: str) -> bool:
@@ -92,6 +96,14 @@ def check_or_write_run_record(cfg: RaypoConfig, name: str) -> bool:
             recorded = json.load(f).get("config", {})
         differences = [(k, recorded.get(k, "<unset>"), current.get(k, "<unset>"))
                        for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+        if differences and not _has_checkpoint(run_dir, fs):
+            # an earlier start stopped before its first checkpoint (a typo in a path, say): nothing to
+            # resume, so the name is free again
+            print(f"raypo: run {name!r} at {run_dir} has a record but no checkpoint (its earlier start "
+                  f"stopped before training); replacing the record with this config "
+                  f"({', '.join(k for k, _, _ in differences[:5])} changed)", flush=True)
+            _write_record(fs, record_path, name, current)
+            return False
         if differences:
             shown = "\n".join(f"  - {k}: {old!r} in the existing run, {new!r} now"
                               for k, old, new in differences[:20])
@@ -104,6 +116,10 @@ def check_or_write_run_record(cfg: RaypoConfig, name: str) -> bool:
                 "settings may change when a run resumes.)")
         return True
     fs.makedirs(run_dir, exist_ok=True)
+    _write_record(fs, record_path, name, current)
+    return False
+
+
+def _write_record(fs, record_path: str, name: str, current: dict[str, Any]) -> None:
     with fs.open(record_path, "w") as f:
         json.dump({"run_name": name, "config": current}, f, indent=1, sort_keys=True)
-    return False

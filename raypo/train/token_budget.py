@@ -58,7 +58,7 @@ from typing import Any, Optional
 
 import torch
 
-from raypo.model.batch import ListwiseBatch
+from raypo.model.batch import PER_PAIR_KEYS, ListwiseBatch
 from raypo.train.collectives import all_gather_objects
 
 
@@ -295,6 +295,11 @@ def concat_groups(parts: Sequence[ListwiseBatch]) -> ListwiseBatch:
                 pad = torch.full((value.shape[0], n - value.shape[1], *value.shape[2:]), math.nan,
                                  dtype=value.dtype)
                 value = torch.cat([value, pad], dim=1)
+            if key in PER_PAIR_KEYS:  # [B, N, N]: the second response axis too
+                value = value[:, :, :n]
+                if value.shape[2] < n:
+                    pad = torch.full((*value.shape[:2], n - value.shape[2]), math.nan, dtype=value.dtype)
+                    value = torch.cat([value, pad], dim=2)
             cols.append(value)
         extras[key] = torch.cat(cols)
     masks = None

@@ -108,7 +108,9 @@ def model_sources(cfg: RaypoConfig) -> tuple[str, str]:
 # spec's forward_env).
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "HF_HOME",
                   "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-_FORWARDED_PREFIXES = ("RAYPO_", "AWS_ENDPOINT_URL_")
+# WANDB_*/MLFLOW_*: the trackers run on rank 0 (WANDB_MODE, MLFLOW_TRACKING_URI, ...); their keys and
+# tokens are left out by _looks_secret and read from each node's own environment.
+_FORWARDED_PREFIXES = ("RAYPO_", "AWS_ENDPOINT_URL_", "WANDB_", "MLFLOW_")
 
 
 def driver_environment() -> dict[str, str]:
@@ -118,7 +120,8 @@ def driver_environment() -> dict[str, str]:
 
 
 def _looks_secret(name: str) -> bool:
-    return any(word in name for word in ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY"))
+    return any(word in name for word in ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "API_KEY", "AUTH",
+                                         "CREDENTIAL"))
 
 
 @dataclass
@@ -190,11 +193,14 @@ def prepare_datasets(cfg: RaypoConfig, *, reference_cache: Optional[str] = None,
 
 
 def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
-                  precomputed_datasets: Optional[PreparedDatasets] = None):
+                  precomputed_datasets: Optional[PreparedDatasets] = None,
+                  report_metric: Optional[str] = None):
     """A ready-to-fit TorchTrainer for ``cfg`` (used by ``raypo train`` and by each Tune trial).
 
     ``precomputed_datasets``: use these tokenised datasets (e.g. a sweep's shared reference cache) instead
-    of reading, tokenising and scoring ``cfg.data`` here.
+    of reading, tokenising and scoring ``cfg.data`` here. ``report_metric``: a Tune trial's metric; every
+    logged row that carries it is reported to Ray Train (and so to Tune's scheduler), not only those due by
+    ``logging.report_interval_s``. Rank 0 writes the per-step rows (:mod:`raypo.train.metrics_log`).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -202,7 +208,9 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     from raypo.data.splits import data_config, trainer_datasets
     from raypo.train.callbacks import ProgressCallback
     from raypo.train.recipe import train_loop_per_worker
+    from raypo.train.trackers import check_tracker_packages
 
+    check_tracker_packages(cfg)  # a missing tracker client is a config error here, not on rank 0 later
     policy_path, ref_path = model_sources(cfg)
     if precomputed_datasets is None:
         precomputed_datasets = prepare_datasets(cfg)
@@ -217,9 +225,7 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     name = run_name(cfg)
     local_run_dir = local_run_directory(cfg)
     write_run_files(local_run_dir, cfg, precomputed_datasets.data_report)
-    tb_dir = os.path.join(local_run_dir, "tensorboard") if cfg.logging.tensorboard else None
-    progress = ProgressCallback(cfg.train.max_steps, tb_dir, os.path.join(local_run_dir, "metrics.jsonl"))
-    all_callbacks = [progress, *(callbacks or [])]
+    all_callbacks = [ProgressCallback(), *(callbacks or [])]
 
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -230,8 +236,12 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
         callbacks=all_callbacks, worker_runtime_env={"env_vars": driver_environment()})
+    base = f"{cfg.checkpoint.storage_path.rstrip('/')}/{name}"
     loop_config = {"config": to_dict(cfg), "policy_path": policy_path, "ref_path": ref_path,
-                   "has_eval": has_eval, "dimensions": dimensions}
+                   "has_eval": has_eval, "dimensions": dimensions, "report_metric": report_metric,
+                   "run_dir": local_run_dir, "run_name": name, "checkpoint_base": base,
+                   # with checkpoints on S3 the history is also kept beside them (metrics_log)
+                   "remote_metrics_path": f"{base}/metrics.jsonl" if "://" in base else None}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -349,15 +359,31 @@ def run_training(cfg: RaypoConfig) -> TrainResult:
     """Fit, then export the final checkpoint to Hugging Face format if ``checkpoint.export_path`` is set.
 
     A run name that already holds a run resumes it only if the run-defining config is the same
-    (:mod:`raypo.train.run_record`); otherwise :class:`~raypo.train.run_record.RunConflictError`.
+    (:mod:`raypo.train.run_record`); otherwise :class:`~raypo.train.run_record.RunConflictError`. Before
+    Ray starts: the driver-side checks (:mod:`raypo.train.preflight`), the run's lock
+    (:mod:`raypo.train.run_lock`) and the verification of its latest checkpoint
+    (:mod:`raypo.train.checkpoint_integrity`).
     """
+    from raypo.storage import fsspec_for
+    from raypo.train.preflight import preflight
+    from raypo.train.run_lock import run_lock
+    from raypo.train.run_record import run_directory
+
+    preflight(cfg)  # bad paths and lambda lengths: a config error now, not on the workers in a minute
+    run_dir = run_directory(cfg, run_name(cfg))
+    with run_lock(run_dir, fsspec_for(run_dir, cfg.data.s3)):  # one driver per run name
+        return _run_training_locked(cfg)
+
+
+def _run_training_locked(cfg: RaypoConfig) -> TrainResult:
     from raypo.train.run_record import check_or_write_run_record, latest_checkpoint
 
     name = run_name(cfg)
-    if check_or_write_run_record(cfg, name):
-        latest = latest_checkpoint(cfg, name)
-        if latest is not None and latest[1] >= cfg.train.max_steps:
-            return _completed_run(cfg, *latest)
+    resumed = check_or_write_run_record(cfg, name)
+    latest = latest_checkpoint(cfg, name)  # verified; a damaged one is set aside or refused
+    if latest is not None and latest[1] >= cfg.train.max_steps:
+        return _completed_run(cfg, *latest)
+    if resumed:
         print(f"raypo: run {name!r} exists with the same config; resuming it from its latest checkpoint "
               "(set checkpoint.run_name to start a new run)", flush=True)
     started = time.time()

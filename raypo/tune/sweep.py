@@ -15,8 +15,9 @@
 
 Scheduling
     ASHA's time attribute is the optimizer ``step`` the training loop reports, not Tune's
-    ``training_iteration`` (which counts reports: the step-0 baseline evaluation, step 1 and every
-    ``logging.log_every`` steps, and restarts at 1 when a resumed trial continues from a checkpoint).
+    ``training_iteration`` (which counts reports: the step-0 baseline evaluation, evaluations,
+    checkpoints, time-based reports and, in a trial, every logged row carrying ``tune.metric``; it restarts
+    at 1 when a resumed trial continues from a checkpoint).
     ``max_t = train.max_steps``; ``grace_period`` and the rungs count steps. Only the reports that carry
     ``tune.metric`` are forwarded to Tune, so every result Tune sees has the metric (Tune's strict metric
     check) and ASHA decides at evaluations: with an ``eval/`` metric, set ``train.eval_every`` and make
@@ -360,7 +361,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False):
     elif resume:
         print(f"raypo: nothing to resume at {sweep.uri}; starting the sweep", flush=True)
     setup = TrialSetup(base=base_for_trials(cfg), dims=sweep.dims, train_runs=sweep.train_runs,
-                       metric=cfg.tune.metric, reference_cache=prepare_shared_reference(sweep))
+                       metric=cfg.tune.metric, reference_cache=prepare_shared_reference(sweep),
+                       group=sweep.name)
     if exists:
         print(f"raypo: resuming the sweep at {sweep.uri} (finished trials are kept)", flush=True)
         tuner = tune.Tuner.restore(path, make_trainable(setup), resume_unfinished=True, resume_errored=True,

@@ -24,6 +24,7 @@ class TrialSetup:
     train_runs: str  # storage of the trials' Train runs
     metric: str
     reference_cache: Optional[str]  # the shared reference cache, or None: trials keep train.reference
+    group: Optional[str] = None  # the sweep's name: the tracker group of every trial (logging.group)
 
 
 def trial_run_name(trial_id: str) -> str:
@@ -38,6 +39,8 @@ def trial_config(setup: TrialSetup, point: Mapping[str, Any], trial_id: str) -> 
     one."""
     fixed: dict[str, Any] = {"checkpoint.run_name": trial_run_name(trial_id),
                              "checkpoint.storage_path": setup.train_runs, "checkpoint.export_path": None}
+    if setup.group is not None:
+        fixed["logging.group"] = setup.group
     if setup.reference_cache is not None:
         fixed["train.reference"] = "precomputed"
         fixed["train.reference_cache"] = setup.reference_cache
@@ -71,7 +74,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     cfg = trial_config(setup, config, trial_id)
     point = {d.key: config[d.key] for d in setup.dims if d.key in config}
     print(f"raypo: trial {trial_id}: {describe_point(point)}", flush=True)
-    build_trainer(cfg, callbacks=[metric_report_callback(setup.metric)]).fit()
+    # report_metric: every logged row carrying the metric reaches Tune (ASHA's rungs are steps), not only
+    # the ones the loop's time-based reporting would send
+    build_trainer(cfg, callbacks=[metric_report_callback(setup.metric)], report_metric=setup.metric).fit()
 
 
 def trial_dirname(trial) -> str:

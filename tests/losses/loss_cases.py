@@ -15,6 +15,8 @@ from torch import Tensor
 
 from raypo.config import LossConfig
 from raypo.losses import get_loss_spec, list_losses, listwise_loss, neg_log_dispersion
+from raypo.losses.label_rules import impute_ratings
+from raypo.losses.labels import DEFAULT_RATING
 
 # A copy of tests/losses/loss_vectors.json lives next to this file; RAYPO_LOSS_VECTORS points at another
 # vector file
@@ -240,6 +242,11 @@ def vector_to_call(v: dict[str, Any]) -> VectorCall:
     if name == "lambda_dpo":
         lam = inp.get("lambda", params.pop("lambda", None))
         kwargs["lam"] = None if lam is None else _t(lam)
+        # The vectors follow the official lambda-DPO converter: a missing rating is 1.0 (docs/losses.md
+        # "Missing ratings", the impute rule), not raypo's default drop rule.
+        params.setdefault("missing_ratings", "impute")
+    if name == "ultrafb_best_worst_dpo" and kwargs.get("scores") is not None:
+        kwargs["scores"] = impute_ratings(kwargs["scores"], params.get("default_rating", DEFAULT_RATING))
 
     if name.startswith("mallows"):
         c = params.pop("c", None)

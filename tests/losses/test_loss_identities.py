@@ -96,16 +96,17 @@ def test_identity_5_lambda_dpo_is_ce_of_mixture_target() -> None:
     log_p = torch.log_softmax(s, dim=-1)
     from raypo.losses import targets_from_ratings
 
-    p_star = targets_from_ratings(case.scores)  # [B, N, m]
+    # The case has a missing rating: the identity is about the official targets (missing = 1.0).
+    p_star = targets_from_ratings(case.scores, missing="impute")  # [B, N, m]
     mixture = (p_star * case.lam.unsqueeze(1)).sum(-1)  # [B, N]
     ce = -(mixture * log_p).sum(-1).mean()
     out = listwise_loss("lambda_dpo", case.policy, case.ref, scores=case.scores, lam=case.lam, beta=beta,
-                        eps=0.0)
+                        eps=0.0, missing_ratings="impute")
     assert out.loss.item() == pytest.approx(ce.item(), rel=1e-12)
     # 5b: the official eps adds eps * sum(lambda) * sum_i(-log P_theta(i)).
     eps = 1e-10
     out_eps = listwise_loss("lambda_dpo", case.policy, case.ref, scores=case.scores, lam=case.lam, beta=beta,
-                            eps=eps)
+                            eps=eps, missing_ratings="impute")
     extra = (eps * case.lam.sum(-1) * (-log_p).sum(-1)).mean()
     assert out_eps.loss.item() == pytest.approx((ce + extra).item(), rel=1e-14)
 

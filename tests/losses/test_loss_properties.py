@@ -369,7 +369,7 @@ def test_registry_fields_and_defaults() -> None:
         "lipo_lambda": {"beta": 0.05, "reduction": "rax", "scale": "padded", "normalize": False, "topn": None,
                         "log_base": 2.0, "weighting": "dcg"},
         "lambda_dpo": {"beta": 0.1, "temperature": 1.0, "default_rating": 1.0, "eps": 1e-10,
-                       "scores_are_targets": False},
+                       "scores_are_targets": False, "missing_ratings": "drop"},
         "mpo": {"beta": 0.05, "alpha": 0.0},
         "wmpo": {"beta": 0.05, "alpha": None},
         "infonca": {"beta": 0.01, "temperature_alpha": 1e-4, "first_bonus": 0.01},
@@ -432,9 +432,14 @@ def test_lambda_dpo_missing_rating_uses_default() -> None:
     with_nan[0, 2, 1] = math.nan
     with_one = case.scores.clone()
     with_one[0, 2, 1] = 1.0
-    a = listwise_loss("lambda_dpo", case.policy, case.ref, scores=with_nan, lam=case.lam)
-    b = listwise_loss("lambda_dpo", case.policy, case.ref, scores=with_one, lam=case.lam)
+    a = listwise_loss("lambda_dpo", case.policy, case.ref, scores=with_nan, lam=case.lam,
+                      missing_ratings="impute")
+    b = listwise_loss("lambda_dpo", case.policy, case.ref, scores=with_one, lam=case.lam,
+                      missing_ratings="impute")
     assert a.loss.item() == b.loss.item()
+    # The default drop rule leaves the response out of that dimension instead of rating it 1.0.
+    c = listwise_loss("lambda_dpo", case.policy, case.ref, scores=with_nan, lam=case.lam)
+    assert c.loss.item() != pytest.approx(b.loss.item(), rel=1e-6)
 
 
 def test_lipo_psi_nan_marks_invalid() -> None:

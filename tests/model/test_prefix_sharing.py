@@ -129,7 +129,7 @@ def test_flex_attention_block_mask_forward(tiny_tokenizer, make_rows):
 
 @pytest.mark.integration
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only")
-@pytest.mark.parametrize("attn", ["flex_attention", "raypo_prefix_sdpa"])
+@pytest.mark.parametrize("attn", ["flex_attention", "raypo_prefix_sdpa", "raypo_cascade"])
 def test_gpu_shared_layout_values_and_grads(tiny_tokenizer, make_rows, attn):
     """On a GPU: the shared layout with FlexAttention (or prefix_sdpa) gives the unshared layout's log-probs
     and gradients (fp32; GPU kernels differ from CPU, so a float32 tolerance) and editing one response

@@ -121,7 +121,11 @@ def test_labels_follow_each_loss_kind():
     scores = torch.tensor([[[5.0, 1.0], [3.0, float("nan")], [1.0, 2.0]]])
     extras = {"scores": scores, "psi": torch.tensor([[0.9, 0.5, 0.1]])}
     assert loss_labels(get_loss_spec("lambda_dpo"), extras).shape == (1, 3, 2)
-    assert torch.equal(loss_labels(get_loss_spec("lipo_lambda"), extras), extras["psi"])
+    # LiPO psi is computed at training time by loss.lipo_labels (win_rate of the mean available rating
+    # (3, 3, 1.5)); the tokenised psi column is not read.
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    psi = loss_labels(get_loss_spec("lipo_lambda"), extras, mask=mask)
+    torch.testing.assert_close(psi, torch.tensor([[2 / 3, 2 / 3, 1 / 6]]))
     mpo = loss_labels(get_loss_spec("mpo"), extras)
     assert torch.allclose(mpo, torch.tensor([[3.0, 3.0, 1.5]]))  # mean of the available ratings
     ranks_only = {"ranks": torch.tensor([[2.0, 1.0, 3.0]])}

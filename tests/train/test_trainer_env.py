@@ -9,9 +9,11 @@ from raypo.config import load_config
 from raypo.train import trainer
 
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_ACCESS_KEY_ID": "AKIA123", "AWS_SESSION_TOKEN": "tok",
-           "HF_TOKEN": "hf_abc", "RAYPO_API_TOKEN": "x"}
+           "HF_TOKEN": "hf_abc", "RAYPO_API_TOKEN": "x", "WANDB_API_KEY": "0123abcd",
+           "MLFLOW_TRACKING_TOKEN": "t", "MLFLOW_TRACKING_PASSWORD": "p"}
 SETTINGS = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9001",
-            "AWS_REGION": "eu-west-1", "HF_HUB_OFFLINE": "1", "RAYPO_FAIL_AT_STEP": "3"}
+            "AWS_REGION": "eu-west-1", "HF_HUB_OFFLINE": "1", "RAYPO_FAIL_AT_STEP": "3",
+            "WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}  # the trackers on rank 0
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def sweep_yaml(model_dir: Path, storage: Path) -> str:
         optimizer: {{lr: 1.0e-3, lr_scheduler: constant, warmup_steps: 0}}
         train: {{micro_batch_size: 4, max_steps: 4, epochs: 1, eval_every: 2}}
         scaling: {{num_workers: 1}}
-        logging: {{tensorboard: false}}
+        logging: {{tensorboard: false, backends: [mlflow]}}
         checkpoint: {{storage_path: {storage}, run_name: e2e, every_steps: 1, keep_last: 2}}
         ray: {{num_cpus: 2}}
         tune:
@@ -216,16 +216,19 @@ def test_results_table_best_config_and_plots_are_written(sweep):
         assert (results / name).read_bytes()[:8] == PNG, name
 
 
-def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluster, tiny_model_dir, tmp_path):
+def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluster, tiny_model_dir, tmp_path,
+                                                              capsys):
     """The sweep's best config, as written, trains (here with the learned scheduler fitted from the sweep's
-    table in place of its fixed lambda, and fewer steps)."""
+    table in place of its fixed lambda, and fewer steps); ``raypo lambdas fit`` on the sweep's results.csv
+    (a probe sweep: lambda fixed per trial) prints the table that training samples from."""
+    from raypo.cli.main import main
     from raypo.train.lambda_schedules import from_results_table
     from raypo.train.trainer import run_training
 
     table_path = sweep["experiment"] / "results" / "results.csv"
     learned = ["lambdas.schedule=learned", f"lambdas.learned.results_path={table_path}",
                f"lambdas.learned.score_column={METRIC}", "lambdas.learned.degree=1",
-               "lambdas.learned.num_candidates=4", "lambdas.learned.temperature=0.1", "lambdas.seed=0"]
+               "lambdas.learned.num_candidates=4", "lambdas.learned.tau=100", "lambdas.seed=0"]
     best_config = sweep["experiment"] / "results" / "best_config.yaml"
     cfg = load_config(best_config, ["train.max_steps=2", f"checkpoint.storage_path={tmp_path}",
                                     "checkpoint.run_name=learned", *learned])
@@ -235,11 +238,19 @@ def test_learned_lambda_scheduler_fitted_from_the_sweep_trains(sweep, ray_cluste
     state = json.loads((Path(result.checkpoint) / "raypo_state.json").read_text())["lambda_state"]
     assert state["schedule"] == "learned"
     fitted = from_results_table(str(table_path), [f"lambda_{k}" for k in range(4)], METRIC, degree=1,
-                                num_candidates=4, temperature=0.1, seed=0)
+                                num_candidates=4, tau=100.0, seed=0)
     np.testing.assert_allclose(state["candidates"], fitted.candidates, rtol=1e-12)
     np.testing.assert_allclose(state["probs"], fitted.probs, rtol=1e-9)
     np.testing.assert_allclose(state["weights"], fitted.weights, rtol=1e-9, atol=1e-12)
     assert state["num_samples"] == 2  # one lambda draw per step
+    capsys.readouterr()  # drop the training run's output
+    assert main(["lambdas", "fit", str(table_path), "--degree", "1", "--candidates", "dirichlet:4",
+                 "--score-column", METRIC, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed["residuals"]) == len(sweep["table"]) and len(printed["features"]) == 5
+    np.testing.assert_allclose([c["lambda"] for c in printed["candidates"]], state["candidates"], rtol=1e-12)
+    np.testing.assert_allclose([c["p"] for c in printed["candidates"]], state["probs"], rtol=1e-9)
+    np.testing.assert_allclose(printed["weights"], state["weights"], rtol=1e-9, atol=1e-12)
 
 
 def test_raypo_report_on_the_sweep(sweep, curve_pixels):
@@ -259,3 +270,23 @@ def test_raypo_report_on_the_sweep(sweep, curve_pixels):
     images = dict(re.findall(r"alt='([^']+)' src='data:image/png;base64,([^']+)'", page))
     assert {"metric vs lambda", f"trials {METRIC.replace('/', '_').replace('_', ' ')}"} <= set(images)
     assert all(curve_pixels(base64.b64decode(png)) > 100 for png in images.values())
+
+
+def test_each_trial_logs_one_mlflow_run_grouped_by_the_sweep(sweep):
+    """logging.backends: [mlflow] in a sweep: one MLflow run per trial (the killed trial resumes its own),
+    tagged with the sweep's name, in the SQLite store beside the trials' runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sweep['experiment'] / 'train_runs'}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("raypo").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(f"trial_{t}" for t in sweep["ids"])
+    assert {r.data.tags["raypo.group"] for r in runs} == {"e2e"}
+    table = sweep["table"].set_index("trial_id")
+    for r in runs:
+        steps = {m.step for m in client.get_metric_history(r.info.run_id, "train/loss")}
+        last = int(table.loc[r.info.run_name.removeprefix("trial_"), "step"])
+        # every step the trial trained, once; a trial stopped by ASHA may have trained a step or two past
+        # its last report to Tune before it was stopped
+        assert set(range(1, last + 1)) <= steps == set(range(1, max(steps) + 1)), (r.info.run_name, steps)
+        assert float(r.data.params["optimizer.lr"]) == pytest.approx(table.loc[
+            r.info.run_name.removeprefix("trial_"), "optimizer.lr"])

@@ -120,7 +120,7 @@ def test_learned_scheduler_fits_the_written_table(tmp_path):
     points = read_results_table(out.table, cols, "eval/pairwise_accuracy")
     assert len(points) == 6  # the errored trial has no score
     sched = from_results_table(out.table, cols, "eval/pairwise_accuracy", degree=1, num_candidates=50,
-                               temperature=0.01, seed=0)
+                               tau=100.0, seed=0)
     # the table's scores are linear in lambda: a degree-1 fit reproduces them and prefers dimension 1
     for lam, score in points:
         assert sched.predict([lam])[0] == pytest.approx(score, abs=0.05 + 1e-9)

@@ -246,9 +246,10 @@ def test_a_trial_config_is_the_base_plus_its_sample_named_after_the_trial(tmp_pa
     sweep = plan_sweep(cfg, str(tmp_path / "sweep.yaml"))
     assert sweep.name == "tune-sweep"
     setup = TrialSetup(base=base_for_trials(cfg), dims=sweep.dims, train_runs=sweep.train_runs,
-                       metric=cfg.tune.metric, reference_cache="/cache")
+                       metric=cfg.tune.metric, reference_cache="/cache", group=sweep.name)
     trial = trial_config(setup, {"loss.beta": 0.0421}, "abc12_00003")
     assert trial.loss.beta == 0.0421
+    assert trial.logging.group == "tune-sweep"  # the trials' tracker runs are grouped by the sweep
     assert trial.checkpoint.run_name == "trial_abc12_00003"
     assert trial.checkpoint.storage_path == f"{sweep.uri}/train_runs"
     assert trial.checkpoint.export_path is None

@@ -1,0 +1,208 @@
+"""Fault cases end to end (Ray Train, DeepSpeed ZeRO-3 on gloo, 2 CPU workers, a tiny Llama): a killed
+worker, a killed driver, a resume mid-epoch, and a damaged latest checkpoint all end with the weights of
+the uninterrupted run.
+
+Every run trains the same 4 prompts for 4 steps (one global batch per epoch), as in
+tests/train/test_trainer_e2e.py, so the interrupted runs must match the uninterrupted one to float32
+rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from raypo.config import load_config
+from raypo.train.trainer import run_training
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 4
+# Runs differ only in the order floating-point sums are taken, far below the size of the update itself.
+TOLERANCE = 1e-5
+
+
+def base_overrides(model_dir: Path, storage: str, name: str) -> list[str]:
+    return [
+        f"model.path={model_dir}", "model.dtype=float32",
+        "data.train_path=synthetic://default?num_prompts=4&seed=1", "data.eval_fraction=0.0",
+        "data.max_prompt_length=64", "data.max_response_length=32",
+        "loss.name=lipo_lambda", "loss.params.scale=valid",
+        "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "optimizer.lr_scheduler=constant",
+        "train.micro_batch_size=2", "train.grad_accum_steps=1", f"train.max_steps={STEPS}",
+        f"train.epochs={STEPS}", "scaling.num_workers=2", "logging.tensorboard=false",
+        f"checkpoint.storage_path={storage}", f"checkpoint.run_name={name}", "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2", f"checkpoint.export_path={storage}/{name}/export",
+    ]
+
+
+def exported_weights(export_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(export_dir, "model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(ray_cluster, tiny_model_dir, tmp_path_factory):
+    """The uninterrupted reference run: (config, result, exported weights)."""
+    storage = str(tmp_path_factory.mktemp("runs"))
+    cfg = load_config(None, base_overrides(tiny_model_dir, storage, "baseline"))
+    result = run_training(cfg)
+    return cfg, result, exported_weights(result.export_dir)
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_run):
+    _, result, weights = baseline_run
+    return result, weights
+
+
+def history_steps(run_dir) -> list[int]:
+    from raypo.train.callbacks import read_metrics
+
+    return [r["step"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_worker_killed_mid_run_resumes_to_the_same_weights(baseline, tiny_model_dir, tmp_path, monkeypatch):
+    """Killed after step 4, checkpoints every 2 steps: the run resumes from step 2, so the history's row of
+    step 3 written before the kill is superseded and must not stay beside the new one."""
+    _, weights = baseline
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RAYPO_FAIL_AT_STEP", "4")
+    monkeypatch.setenv("RAYPO_FAIL_MARKER", str(marker))
+    cfg = load_config(None, base_overrides(tiny_model_dir, str(tmp_path), "worker_kill")
+                      + ["checkpoint.max_failures=1", "checkpoint.every_steps=2"])
+    result = run_training(cfg)
+    assert marker.read_text().startswith("killed rank 1 after step 4")
+    assert result.metrics["step"] == STEPS
+    assert max_abs_diff(exported_weights(result.export_dir), weights) < TOLERANCE
+    assert history_steps(result.run_dir) == list(range(1, STEPS + 1))  # one row per step
+
+
+def _s3_keys(s3, prefix: str) -> list[str]:
+    return s3.s3fs().find(f"{s3.bucket}/{prefix}")
+
+
+def test_driver_stopped_mid_run_resumes_from_s3(baseline, s3, tiny_model_dir, tmp_path):
+    """`raypo train` with checkpoints on the loopback S3 endpoint, killed after its second checkpoint, then
+    run again with the same command: it continues from that checkpoint and ends where the baseline does."""
+    _, weights = baseline
+    storage = f"s3://{s3.bucket}/driver_restart"
+    overrides = base_overrides(tiny_model_dir, storage, "restart")
+    overrides = [o for o in overrides if not o.startswith("checkpoint.export_path")]
+    overrides.append(f"checkpoint.export_path={tmp_path / 'export'}")
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump({}))
+    cmd = [sys.executable, "-m", "raypo.cli", "train", str(cfg_path), *overrides, "ray.num_cpus=2"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            keys = _s3_keys(s3, "driver_restart/restart")
+            if any("step_00000002/raypo_state.json" in k for k in keys):
+                break
+            if proc.poll() is not None:
+                log_text = (tmp_path / "first.log").read_text()
+                pytest.fail(f"the first run ended before it could be stopped:\n{log_text[-3000:]}")
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint appeared on S3 within 10 minutes")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    keys = _s3_keys(s3, "driver_restart/restart")
+    assert not any("step_00000004" in k for k in keys), "the first run finished before it was stopped"
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from" in second.stdout + second.stderr
+    assert max_abs_diff(exported_weights(str(tmp_path / "export")), weights) < TOLERANCE
+    # one row per step after the restart: locally, and in the copy kept beside the checkpoints on S3
+    from raypo.train.trainer import local_run_directory
+
+    assert history_steps(local_run_directory(load_config(None, overrides))) == list(range(1, STEPS + 1))
+    fs = s3.s3fs()
+    fs.invalidate_cache()  # the listings cached while waiting for the checkpoint predate the copy
+    remote = fs.cat_file(f"{s3.bucket}/driver_restart/restart/metrics.jsonl").decode().splitlines()
+    assert [int(json.loads(line)["step"]) for line in remote] == list(range(1, STEPS + 1))
+
+
+def lambda_overrides(model_dir: Path, storage: str, name: str) -> list[str]:
+    """8 prompts, 2 steps per epoch, lambda-DPO with a per-prompt Dirichlet lambda: a resume must continue
+    mid-epoch at the right micro-batch and with the lambda sequence where it stopped."""
+    drop = ("data.train_path", "loss.name", "loss.params", "train.epochs")
+    kept = [o for o in base_overrides(model_dir, storage, name) if not o.startswith(drop)]
+    return kept + ["data.train_path=synthetic://default?num_prompts=8&seed=2", "loss.name=lambda_dpo",
+                   "lambdas.schedule=uniform", "lambdas.per=prompt", "train.epochs=2"]
+
+
+def test_resume_mid_epoch_continues_data_and_lambda_sequence(ray_cluster, tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    straight = run_training(load_config(None, lambda_overrides(tiny_model_dir, str(tmp_path), "straight")))
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RAYPO_FAIL_AT_STEP", "3")  # after step 3: epoch 1, one micro-batch into it
+    monkeypatch.setenv("RAYPO_FAIL_MARKER", str(marker))
+    resumed = run_training(load_config(None, lambda_overrides(tiny_model_dir, str(tmp_path), "resumed")
+                                       + ["checkpoint.max_failures=1"]))
+    assert marker.exists()
+    assert resumed.metrics["step"] == STEPS
+    diff = max_abs_diff(exported_weights(resumed.export_dir), exported_weights(straight.export_dir))
+    assert diff < TOLERANCE
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(baseline_run, capsys):
+    """A truncated ZeRO-3 optimizer shard in the last checkpoint: with checkpoint.on_corrupt=fail the start
+    is refused naming the file; by default the checkpoint is set aside, Ray's list is rewritten, and the run
+    resumes from the step before, retrains the last step and ends with the same weights. Runs last: it
+    damages the baseline run's own checkpoint."""
+    from raypo.cli import main
+    from raypo.train.checkpoint_integrity import SNAPSHOT_FILE
+
+    cfg, result, weights = baseline_run
+    run_dir = Path(result.run_dir)
+    last = run_dir / f"step_{STEPS:08d}"
+    shard = next(last.rglob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    args = ["train", str(_empty_config(run_dir)), *base_overrides_of(cfg)]
+
+    assert main([*args, "checkpoint.on_corrupt=fail"]) == 1
+    err = capsys.readouterr().err
+    assert shard.name in err and "truncated" in err and "Traceback" not in err
+
+    kept = run_dir / f"step_{STEPS - 1:08d}" / "raypo_manifest_r0.json"
+    kept_mtime = kept.stat().st_mtime_ns
+    export = run_dir.parent / "fallback_export"
+    assert main([*args, f"checkpoint.export_path={export}"]) == 0
+    out = capsys.readouterr().out
+    assert shard.name in out and f"corrupt_step_{STEPS:08d}" in out
+    assert (run_dir / f"corrupt_step_{STEPS:08d}").is_dir() and last.is_dir()  # set aside, then rewritten
+    # resumed from step 3, not from scratch (which would have rewritten step 3 too)
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert f"step_{STEPS:08d}" in (run_dir / SNAPSHOT_FILE).read_text()
+    assert max_abs_diff(exported_weights(str(export)), weights) < TOLERANCE
+
+
+def _empty_config(where: Path) -> Path:
+    path = where.parent / "cli.yaml"
+    path.write_text("{}\n")
+    return path
+
+
+def base_overrides_of(cfg) -> list[str]:
+    run_dir = Path(cfg.checkpoint.storage_path)
+    return base_overrides(Path(cfg.model.path), str(run_dir), cfg.checkpoint.run_name)
