@@ -70,3 +70,38 @@ def start_moto_server(endpoint: S3Endpoint):
                           aws_access_key_id=endpoint.access_key, aws_secret_access_key=endpoint.secret_key)
     client.create_bucket(Bucket=endpoint.bucket)
     return server
+
+
+# ----------------------------------------------------------------------------------------------------
+# Short deterministic training runs (the end-to-end and fault tests compare their weights)
+# ----------------------------------------------------------------------------------------------------
+
+
+def short_run_overrides(model_dir: Any, storage: str, name: str, steps: int = 4) -> list[str]:
+    """Config overrides of a short deterministic run: the same 4 prompts for ``steps`` steps (one global
+    batch of 2 workers x 2 prompts per epoch), a checkpoint every step and an export at the end, so runs
+    that differ only in workers, accumulation or interruptions must end with the same weights."""
+    return [
+        f"model.path={model_dir}", "model.dtype=float32",
+        "data.train_path=synthetic://default?num_prompts=4&seed=1", "data.eval_fraction=0.0",
+        "data.max_prompt_length=64", "data.max_response_length=32",
+        "loss.name=lipo_lambda", "loss.params.scale=valid",
+        "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "optimizer.lr_scheduler=constant",
+        "train.micro_batch_size=2", "train.grad_accum_steps=1", f"train.max_steps={steps}",
+        f"train.epochs={steps}", "scaling.num_workers=2", "logging.tensorboard=false",
+        f"checkpoint.storage_path={storage}", f"checkpoint.run_name={name}", "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2", f"checkpoint.export_path={storage}/{name}/export",
+    ]
+
+
+def exported_weights(export_dir: str) -> dict[str, Any]:
+    """The tensors of an exported model's ``model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(export_dir, "model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)

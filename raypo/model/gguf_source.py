@@ -15,13 +15,14 @@ a crash never leaves a half-written model that looks complete. Nothing is downlo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from raypo.model.zero3 import without_zero3_init
 
 logger = logging.getLogger(__name__)
 
@@ -79,20 +80,6 @@ def _cache_target(gguf: Path, cache_dir: Path) -> Path:
     return cache_dir / "models" / f"{gguf.stem}-{digest}"
 
 
-@contextlib.contextmanager
-def _plain_construction():
-    """Build the model unpartitioned even if the process holds a live ZeRO-3 ``HfDeepSpeedConfig``: the
-    conversion writes a checkpoint, the caller's ``from_pretrained`` partitions it afterwards."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
-
-
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """GGUF file -> Hugging Face directory (float32 safetensors, config, tokenizer with chat template)."""
     import torch
@@ -103,7 +90,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     except ImportError as err:
         raise ModuleNotFoundError(f"reading {gguf} needs the `gguf` package. Install it with: "
                                   f"{INSTALL_HINT}") from err
-    with _plain_construction():
+    with without_zero3_init():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)

@@ -28,7 +28,6 @@ Other pieces, each a small function: :func:`parse_dtype`, :func:`hf_attn_impleme
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -44,6 +43,7 @@ from torch import nn
 
 from raypo.model.gguf_source import is_gguf_source, resolve_gguf_source
 from raypo.model.tiny import is_tiny_spec, resolve_tiny_spec
+from raypo.model.zero3 import without_zero3_init  # noqa: F401 (raypo.model.loading.without_zero3_init)
 from raypo.storage import s3_options
 
 logger = logging.getLogger(__name__)
@@ -194,20 +194,6 @@ def zero3_init_handle(ds_config: Mapping[str, Any] | None):
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(dict(ds_config))
-
-
-@contextlib.contextmanager
-def without_zero3_init():
-    """Build a plain (unpartitioned) model even if this process holds a live ``HfDeepSpeedConfig``
-    (transformers keeps a process-global weakref to the last one, e.g. from an in-process engine)."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False, cache_dir=None,

@@ -18,42 +18,22 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from raypo.config import load_config
+from raypo.testing import exported_weights, max_abs_diff
+from raypo.testing import short_run_overrides as _short_run_overrides
 from raypo.train.trainer import run_training
 
 pytestmark = pytest.mark.e2e
 
 STEPS = 4
-# Runs differ only in the order floating-point sums are taken, far below the size of the update itself.
-TOLERANCE = 1e-5
 
 
 def base_overrides(model_dir: Path, storage: str, name: str) -> list[str]:
-    return [
-        f"model.path={model_dir}", "model.dtype=float32",
-        "data.train_path=synthetic://default?num_prompts=4&seed=1", "data.eval_fraction=0.0",
-        "data.max_prompt_length=64", "data.max_response_length=32",
-        "loss.name=lipo_lambda", "loss.params.scale=valid",
-        "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "optimizer.lr_scheduler=constant",
-        "train.micro_batch_size=2", "train.grad_accum_steps=1", f"train.max_steps={STEPS}",
-        f"train.epochs={STEPS}", "scaling.num_workers=2", "logging.tensorboard=false",
-        f"checkpoint.storage_path={storage}", f"checkpoint.run_name={name}", "checkpoint.every_steps=1",
-        "checkpoint.keep_last=2", f"checkpoint.export_path={storage}/{name}/export",
-    ]
-
-
-def exported_weights(export_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(export_dir, "model.safetensors"))
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return _short_run_overrides(model_dir, storage, name, STEPS)
+# Runs differ only in the order floating-point sums are taken, far below the size of the update itself.
+TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
