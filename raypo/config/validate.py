@@ -120,6 +120,14 @@ def _label_rule_problems(lo: LossConfig) -> list[str]:
               "T divides the score gaps of the bradley_terry rule, e.g. 1.0")
     if lo.name == "lipo_lambda" and "weighting" in lo.params:
         _choice(p, "loss.params.weighting", lo.params["weighting"], LAMBDA_WEIGHTINGS)
+    if lo.name in ("mpo", "wmpo"):  # the MPO paper's Table 7 statistics; W-MPO Eq. 6-7 or Appendix D
+        from raypo.losses.labels import MPO_THRESHOLDS
+        from raypo.losses.mpo import WEIGHTINGS
+
+        if "threshold" in lo.params:
+            _choice(p, "loss.params.threshold", lo.params["threshold"], MPO_THRESHOLDS)
+        if "weighting" in lo.params:
+            _choice(p, "loss.params.weighting", lo.params["weighting"], WEIGHTINGS)
     return p
 
 

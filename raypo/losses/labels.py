@@ -271,14 +271,41 @@ def lipo_psi_from_ratings(
     raise ValueError(f"lipo_psi_from_ratings: method={method!r} is not one of ('winrate', 'minmax', 'range')")
 
 
-def mpo_sets(scores: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+MPO_THRESHOLDS = ("mean", "median", "trimmed_mean")
+
+
+def mpo_threshold(s: Tensor, valid: Tensor, kind: str = "mean", trim: float = 0.1) -> Tensor:
+    """``[B, 1]`` partition statistic of the valid scores (float64), MPO paper Table 7: ``mean``; ``median``
+    (the middle value, the mean of the two middle ones for an even count); ``trimmed_mean``: the mean after
+    dropping ``floor(trim * n)`` scores from each end (n valid scores; with 10 % that changes nothing below
+    n = 10)."""
+    n = valid.sum(-1, keepdim=True)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    if kind == "mean":
+        return torch.where(valid, s, zero).sum(-1, keepdim=True) / n.clamp(min=1)
+    if kind not in MPO_THRESHOLDS:
+        raise ValueError(f"MPO threshold {kind!r} is not one of {', '.join(MPO_THRESHOLDS)}")
+    ordered = torch.where(valid, s, torch.full((), math.inf, dtype=s.dtype, device=s.device)).sort(-1).values
+    rank = torch.arange(s.shape[-1], device=s.device).expand_as(s)
+    if kind == "median":
+        lo, hi = (n - 1).clamp(min=0) // 2, n.clamp(min=1) // 2
+        picked = (rank == lo) | (rank == hi)
+        count = 1 + (lo != hi).to(s.dtype)
+        return torch.where(picked, ordered, zero).sum(-1, keepdim=True) / count
+    k = torch.floor(trim * n.to(s.dtype)).long()
+    kept = (rank >= k) & (rank < n - k)
+    return torch.where(kept, ordered, zero).sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp(min=1)
+
+
+def mpo_sets(scores: Tensor, mask: Optional[Tensor] = None, threshold: str = "mean"
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """MPO positive / negative sets (Gupta et al. arXiv 2412.04628; docs/loss_reference.md §5.1).
 
-    ``S_bar`` = mean of the valid scores (computed in float64), ``Y+ = {i valid: S_i > S_bar}`` (strict, a
-    score equal to the mean goes to ``Y-``), ``Y- = valid minus Y+``. A prompt whose valid scores are all
-    equal (or that has fewer than 2 valid responses) has ``Y+`` empty and is skipped. NaN scores count as
-    invalid responses. ``Y+`` additionally requires ``S_i > min`` so that float rounding of the mean can
-    never put every response of a tied prompt into ``Y+``.
+    ``S_bar`` = the partition statistic of the valid scores (:func:`mpo_threshold`: the mean by default,
+    computed in float64), ``Y+ = {i valid: S_i > S_bar}`` (strict, a score equal to it goes to ``Y-``),
+    ``Y- = valid minus Y+``. A prompt whose valid scores are all equal (or that has fewer than 2 valid
+    responses) has ``Y+`` empty and is skipped. NaN scores count as invalid responses. ``Y+`` additionally
+    requires ``S_i > min`` so that float rounding can never put every response of a tied prompt into ``Y+``.
 
     Returns:
         ``(positive [B, N] bool, negative [B, N] bool, counted [B] bool)``.
@@ -286,11 +313,10 @@ def mpo_sets(scores: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Ten
     s = scores.to(torch.float64)
     valid = _mask_like(s, mask) & ~torch.isnan(s)
     s = torch.where(valid, s, torch.zeros((), dtype=s.dtype, device=s.device))
-    n = valid.sum(-1, keepdim=True)
-    mean = s.sum(-1, keepdim=True) / n.clamp(min=1)
+    bar = mpo_threshold(s, valid, threshold)
     inf = torch.full((), math.inf, dtype=s.dtype, device=s.device)
     lo = torch.where(valid, s, inf).amin(-1, keepdim=True)
-    positive = valid & (s > mean) & (s > lo)
+    positive = valid & (s > bar) & (s > lo)
     negative = valid & ~positive
     counted = positive.any(-1)
     return positive, negative, counted

@@ -370,8 +370,8 @@ def test_registry_fields_and_defaults() -> None:
                         "log_base": 2.0, "weighting": "dcg"},
         "lambda_dpo": {"beta": 0.1, "temperature": 1.0, "default_rating": 1.0, "eps": 1e-10,
                        "scores_are_targets": False, "missing_ratings": "drop"},
-        "mpo": {"beta": 0.05, "alpha": 0.0},
-        "wmpo": {"beta": 0.05, "alpha": None},
+        "mpo": {"beta": 0.05, "alpha": 0.0, "threshold": "mean", "weighting": "absolute"},
+        "wmpo": {"beta": 0.05, "alpha": None, "threshold": "mean", "weighting": "absolute"},
         "infonca": {"beta": 0.01, "temperature_alpha": 1e-4, "first_bonus": 0.01},
         "nca": {"beta": 0.01, "temperature_alpha": 1e-4, "first_bonus": 0.01, "variant": "listwise"},
     }
