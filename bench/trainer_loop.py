@@ -15,7 +15,9 @@ CPU workers, DeepSpeed ZeRO-3 on gloo, evaluations and checkpoints as configured
   ``end_to_end_tokens_per_s``: trained tokens / the time from the first to the last step's row.
 
 Cases: the quickstart (``configs/quickstart.yaml``: tiny Llama hidden 64, 2 layers, 60 steps of 2 x 4
-prompts) and the same run on a larger tiny Llama (hidden 256, 4 layers). Times are wall clock (the loop's
+prompts) and the same run on a larger tiny Llama (hidden 256, 4 layers); with ``--only``, also the
+quickstart with a precomputed reference scored and trained per group or batched
+(``train.reference_batching``). Times are wall clock (the loop's
 overhead is waiting, which CPU time would not show), so they move with the load of the shared cores.
 
 Run: ``python -m bench.trainer_loop [--smoke]``.
@@ -36,7 +38,12 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
 CASES = {
     "quickstart": [],
     "tiny_h256_l4": ["model.path=tiny://llama?hidden=256&layers=4&heads=4&kv_heads=2&intermediate=768"],
+    # train.reference_batching with a precomputed reference (run with --only): B = 4 policy forwards per
+    # micro-batch against 1
+    "precomputed_per_group": ["train.reference=precomputed", "train.reference_batching=per_group"],
+    "precomputed_batched": ["train.reference=precomputed", "train.reference_batching=batched"],
 }
+DEFAULT_CASES = ("quickstart", "tiny_h256_l4")
 SMOKE = ["train.max_steps=6", "train.eval_every=3", "checkpoint.every_steps=3",
          "data.train_path=synthetic://default?num_prompts=96&seed=0"]
 
@@ -67,7 +74,10 @@ def summarize(rows: list[dict]) -> dict:
            "mean_report_wait_s": _mean(steps, "perf/report_wait_s"),
            "epoch_start_data_wait_s": [r["perf/data_wait_s"] for r in steps if r["step"] in epochs.values()],
            "final_eval_pairwise_accuracy": next((r["eval/pairwise_accuracy"] for r in reversed(rows)
-                                                 if "eval/pairwise_accuracy" in r), None)}
+                                                 if "eval/pairwise_accuracy" in r), None),
+           # 0 exactly with an online or a per-group precomputed reference; float rounding when batched
+           "step0_eval_reward_abs_mean": next((r["eval/reward_abs_mean"] for r in rows
+                                               if r.get("step") == 0 and "eval/reward_abs_mean" in r), None)}
     return out
 
 
@@ -93,7 +103,7 @@ def run_case(name: str, overrides: list[str], storage: str) -> dict:
 
 def run(smoke: bool = False) -> dict:
     storage = tempfile.mkdtemp(prefix="raypo-bench-loop-")
-    cases = {"quickstart": []} if smoke else CASES
+    cases = {"quickstart": []} if smoke else {name: CASES[name] for name in DEFAULT_CASES}
     rows = [run_case(name, overrides + (SMOKE if smoke else []), storage)
             for name, overrides in cases.items()]
     return {"config": "configs/quickstart.yaml", "rows": rows}

@@ -21,7 +21,7 @@ from raypo.config import DataConfig, S3Config
 from raypo.data.io import write_records, write_table
 from raypo.data.pipeline import process_rows
 from raypo.data.schema import ListwiseRecord
-from raypo.data.synthetic import DIMENSIONS, generate_table
+from raypo.data.synthetic import SyntheticSpec, spec_dimensions, spec_table
 
 EXIT_OK, EXIT_REJECTS, EXIT_USAGE = 0, 1, 2
 
@@ -93,9 +93,13 @@ def synth_command(args: argparse.Namespace) -> int:
     if args.num_prompts < 1 or args.num_responses < 2:
         return _fail(f"--num-prompts={args.num_prompts} must be >= 1 and "
                      f"--num-responses={args.num_responses} >= 2")
-    table = generate_table(args.num_prompts, args.seed, args.num_responses)
+    spec = SyntheticSpec(args.num_prompts, args.seed, args.num_responses, kind=args.kind)
+    try:
+        table = spec_table(spec)
+    except ValueError as exc:
+        return _fail(str(exc))
     s3 = S3Config(endpoint_url=args.s3_endpoint_url, region=args.s3_region)
     written = write_table(table, args.output, s3)
     print(f"wrote {table.num_rows} synthetic prompts x {args.num_responses} responses, dimensions "
-          f"{', '.join(DIMENSIONS)}, seed {args.seed}, to {written}")
+          f"{', '.join(spec_dimensions(spec))}, seed {args.seed}, to {written}")
     return EXIT_OK

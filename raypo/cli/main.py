@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_model_commands(sub)
     _add_lambdas_commands(sub)
+    from raypo.cli.eval import add_commands as add_eval_commands  # eval, generate
+
+    add_eval_commands(sub, _handler)
     return parser
 
 
@@ -147,6 +150,9 @@ def _add_data_commands(sub) -> None:
     d.add_argument("--num-prompts", type=int, default=512)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--num-responses", type=int, default=4)
+    d.add_argument("--kind", choices=["default", "steer"], default="default",
+                   help="default: 4 partly conflicting rubric dimensions; steer: 3 dimensions that conflict "
+                        "on surface features (docs/steering.md)")
     d.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     d.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION)")
     d.set_defaults(func=_handler("raypo.cli.data", "synth_command"))

@@ -7,7 +7,7 @@ values in :mod:`raypo.config.validate`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -86,7 +86,9 @@ class LossConfig:
     # minmax | ranks | bradley_terry | matrix (the data's win_probs column)
     lipo_labels: str = "win_rate"
     lipo_label_temperature: float = 1.0  # bradley_terry: Psi_ki = sigmoid((S_k - S_i) / T)
-    dispersion_c: float = 0.29  # MallowsPO: phi(x) = -c log Hbar(x); calibrate so the dataset mean is 1
+    # MallowsPO: c in phi(x) = -c log Hbar(x). auto: calibrated from the reference entropies so that the
+    # dataset mean of phi is 1 (the paper's rule; raypo/train/dispersion.py); a number overrides it
+    dispersion_c: Union[float, int, str] = "auto"
 
 
 @dataclass
@@ -132,6 +134,11 @@ class LambdaConfig:
     per: str = "prompt"  # prompt: one draw per prompt | batch: one draw shared by the batch (official code)
     seed: int = 0
     learned: LearnedLambdaConfig = field(default_factory=LearnedLambdaConfig)
+    # Steering (docs/steering.md): none | prompt (the policy sees each prompt's lambda, written into the
+    # conversation as a system message by the template below; the reference scores the plain prompt)
+    condition: str = "none"
+    condition_template: str = "Preference weights: {weights}."  # {weights}: "helpfulness 0.40, ..."
+    condition_weight_format: str = "%.2f"  # printf format of each weight
 
 
 @dataclass
@@ -175,6 +182,12 @@ class TrainConfig:
     # precomputed only: cache directory (local or s3://) of reference log-probs keyed by the reference model's
     # files, the tokenised rows and the stage settings (raypo.train.reference_cache); None: no cache
     reference_cache: Optional[str] = None
+    # precomputed only: how the reference stage and the policy's forwards hold the prompt groups.
+    # per_group: one group per forward in both, so a group's values do not depend on the other groups of the
+    # batch and step-0 rewards are exactly 0; costs B forwards per micro-batch of B groups (each regathers the
+    # ZeRO-3 parameters). batched: one forward per stage batch / per micro-batch, as online; step-0 rewards
+    # are 0 only to float rounding (fp32 ~1e-6; docs/performance.md)
+    reference_batching: str = "per_group"  # per_group | batched
     response_chunk_size: int = 0  # 0: all N responses at once; k: response chunks of k
     # 0: every forward holds one micro-batch (micro_batch_size groups), as read. T > 0: each step's groups
     # (still read micro_batch_size * grad_accum_steps per rank) are packed across ranks into bins of at most

@@ -92,7 +92,7 @@ def _loss_problems(cfg: RaypoConfig) -> list[str]:
     names = loss_names()
     _choice(p, "loss.name", lo.name, names)
     _positive(p, "loss.beta", lo.beta, "beta scales the implicit reward; typical values are 0.01-0.5")
-    _positive(p, "loss.dispersion_c", lo.dispersion_c)
+    p += _dispersion_problems(lo)
     if lo.name == "wmpo" and not float(lo.params.get("alpha", 0.0)) > 0:
         p.append(f"loss.params.alpha={lo.params.get('alpha', 0.0)} must be > 0 for wmpo (alpha = 0 is plain "
                  "mpo); set loss.params.alpha, e.g. 0.1, or use loss.name=mpo")
@@ -104,6 +104,56 @@ def _loss_problems(cfg: RaypoConfig) -> list[str]:
                  "and metric; move it to loss.missing_ratings")
     elif lo.name in names:
         p += _loss_param_problems(lo)
+    return p
+
+
+def _dispersion_problems(lo: LossConfig) -> list[str]:
+    """MallowsPO's ``loss.dispersion_c`` and dispersion options (docs/losses.md "MallowsPO dispersion")."""
+    p: list[str] = []
+    c = lo.dispersion_c
+    if c != "auto" and not (isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+                            and c > 0):
+        p.append(f"loss.dispersion_c={c!r} must be auto (calibrated so the dataset mean of phi is 1) or a "
+                 "number > 0, e.g. 0.29")
+    if "dispersion_c" in lo.params:
+        p.append("loss.params.dispersion_c: MallowsPO's scale has its own key; move it to loss.dispersion_c "
+                 "(auto or a number)")
+    if lo.name.startswith("mallows_"):
+        from raypo.losses.mallows import MISSING_ENTROPY
+        from raypo.losses.mallows_link import LINKS, POLY_RANGE_MODES
+
+        for key, options in (("missing_entropy", MISSING_ENTROPY), ("link", LINKS),
+                             ("poly_range_mode", POLY_RANGE_MODES)):
+            if key in lo.params:
+                _choice(p, f"loss.params.{key}", lo.params[key], options)
+        degree = lo.params.get("poly_degree", 5)
+        if not (isinstance(degree, int) and not isinstance(degree, bool) and degree >= 1 and degree % 2):
+            p.append(f"loss.params.poly_degree={degree!r} must be an odd integer >= 1 (the polynomial link "
+                     "is odd around g(0) = 1/2), e.g. 5")
+        for key in ("sigmoid_scale", "poly_range"):
+            if key in lo.params:
+                _positive(p, f"loss.params.{key}", lo.params[key])
+    return p
+
+
+def _mpo_selection_problems(lo: LossConfig) -> list[str]:
+    """MPO's ``selection`` / ``k`` (top-k against bottom-k, docs/losses.md "MPO") and the margin."""
+    from raypo.losses.labels import MPO_SELECTIONS
+
+    p: list[str] = []
+    selection = lo.params.get("selection", "threshold")
+    _choice(p, "loss.params.selection", selection, MPO_SELECTIONS)
+    k = lo.params.get("k")
+    if k is not None:
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+            p.append(f"loss.params.k={k!r} must be an integer >= 1 (the best and the worst k responses "
+                     "kept), or left out for n // 2")
+        elif selection != "top_bottom":
+            p.append(f"loss.params.k={k} is only read with loss.params.selection=top_bottom; set that or "
+                     "drop k")
+    gamma = lo.params.get("gamma")
+    if gamma is not None and not (isinstance(gamma, (int, float)) and gamma >= 0):
+        p.append(f"loss.params.gamma={gamma!r} must be a number >= 0 (SimPO's margin, e.g. 0.5)")
     return p
 
 
@@ -128,6 +178,7 @@ def _label_rule_problems(lo: LossConfig) -> list[str]:
             _choice(p, "loss.params.threshold", lo.params["threshold"], MPO_THRESHOLDS)
         if "weighting" in lo.params:
             _choice(p, "loss.params.weighting", lo.params["weighting"], WEIGHTINGS)
+        p += _mpo_selection_problems(lo)
     return p
 
 
@@ -168,6 +219,50 @@ def _lambdas_problems(cfg: RaypoConfig) -> list[str]:
     if la.weights is not None and d.dimensions and len(la.weights) != len(d.dimensions):
         p.append(f"lambdas.weights has {len(la.weights)} entries but data.dimensions has "
                  f"{len(d.dimensions)} ({', '.join(d.dimensions)}); give one weight per dimension")
+    p += _condition_problems(cfg)
+    return p
+
+
+def check_condition_template(template: str) -> Optional[str]:
+    """None when ``template`` is usable, else why not (one ``{weights}`` and no other braces)."""
+    if not isinstance(template, str) or template.count("{weights}") != 1:
+        return f"must contain '{{weights}}' exactly once, got {template!r}"
+    rest = template.replace("{weights}", "")
+    if "{" in rest or "}" in rest:
+        return f"may hold no braces besides '{{weights}}', got {template!r}"
+    return None
+
+
+def check_weight_format(weight_format: str) -> Optional[str]:
+    """None when ``weight_format`` is a printf format of one float (``%.2f``, ``%.3g``), else why not."""
+    try:
+        text = weight_format % 0.25
+    except (TypeError, ValueError):
+        text = None
+    if not text or "%" in text:
+        return f"must be a printf format of one number such as '%.2f', got {weight_format!r}"
+    return None
+
+
+def _condition_problems(cfg: RaypoConfig) -> list[str]:
+    """``lambdas.condition``: the policy sees lambda (docs/steering.md)."""
+    la, p = cfg.lambdas, []
+    _choice(p, "lambdas.condition", la.condition, ("none", "prompt"))
+    if la.condition != "prompt":
+        return p
+    for key, problem in (("condition_template", check_condition_template(la.condition_template)),
+                         ("condition_weight_format", check_weight_format(la.condition_weight_format))):
+        if problem:
+            p.append(f"lambdas.{key} {problem}")
+    from raypo.losses.registry import LOSS_REGISTRY  # torch: imported when a config is validated
+
+    spec = LOSS_REGISTRY.get(cfg.loss.name)
+    if spec is None:
+        return p  # the unknown loss is reported on its own
+    if not (spec.needs_lambda or cfg.loss.score_reduction == "lambda"):
+        p.append(f"lambdas.condition=prompt but loss.name={cfg.loss.name!r} does not weight dimensions by "
+                 "lambda, so a model conditioned on lambda could not learn what lambda means; use a loss "
+                 "that does (lambda_dpo) or set loss.score_reduction=lambda, or lambdas.condition=none")
     return p
 
 
@@ -261,6 +356,7 @@ def _train_problems(cfg: RaypoConfig) -> list[str]:
                  "many tokens, e.g. train.token_budget=16384")
     _at_least(p, "train.eval_every", t.eval_every, 0)
     _choice(p, "train.reference", t.reference, ("online", "precomputed"))
+    _choice(p, "train.reference_batching", t.reference_batching, ("per_group", "batched"))
     if t.reference_cache and t.reference != "precomputed":
         p.append(f"train.reference_cache={t.reference_cache!r} is only used with "
                  "train.reference=precomputed; set train.reference=precomputed or drop train.reference_cache")

@@ -60,8 +60,13 @@ from raypo.data.schema import (
     with_dimensions,
 )
 from raypo.data.splits import in_eval, split_train_eval
-from raypo.data.synthetic import DIMENSIONS as SYNTHETIC_DIMENSIONS
-from raypo.data.synthetic import generate, generate_table, is_synthetic_uri, parse_synthetic_uri
+from raypo.data.synthetic import (
+    is_synthetic_uri,
+    parse_synthetic_uri,
+    spec_records,
+    spec_table,
+    synthetic_dimensions,
+)
 from raypo.data.tokenize import TokenizeBatch, TokenizeConfig, load_tokenizer, tokenize_rows
 from raypo.data.validate import (
     Outcome,
@@ -95,8 +100,7 @@ def read_source(source: Any, s3_cfg: Any = None):
     if not isinstance(source, str):
         return ray.data.from_huggingface(source)
     if is_synthetic_uri(source):
-        spec = parse_synthetic_uri(source)
-        return ray.data.from_arrow(generate_table(spec.num_prompts, spec.seed, spec.num_responses))
+        return ray.data.from_arrow(spec_table(parse_synthetic_uri(source)))
     fs = filesystem_for(source, s3_cfg)
     files = list_data_files(source, s3_cfg)
     if file_format(source, s3_cfg) == "parquet":
@@ -236,7 +240,7 @@ def _listwise_dimensions(source: Any, s3_cfg: Any, first_row: Optional[Any] = No
     """Dimension names of native listwise data: synthetic data's own, the Parquet schema metadata, or none
     when the data has no ratings at all (ranks only); otherwise the user must name them."""
     if isinstance(source, str) and is_synthetic_uri(source):
-        return list(SYNTHETIC_DIMENSIONS)
+        return synthetic_dimensions(source)
     if isinstance(source, str):
         dims = read_dimensions(source, s3_cfg)
         if dims is not None:
@@ -474,8 +478,7 @@ def iter_source_rows(source: Any, s3_cfg: Any = None):
     if not isinstance(source, str):
         yield from iter(source)
     elif is_synthetic_uri(source):
-        spec = parse_synthetic_uri(source)
-        yield from (r.to_row() for r in generate(spec.num_prompts, spec.seed, spec.num_responses))
+        yield from (r.to_row() for r in spec_records(parse_synthetic_uri(source)))
     else:
         yield from iter_raw_rows(source, s3_cfg)
 

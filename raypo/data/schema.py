@@ -67,6 +67,7 @@ TOKENIZED_FIELDS: tuple[pa.Field, ...] = (
     pa.field("ref_logps", pa.list_(pa.float64())),
     pa.field("ref_entropy", pa.list_(pa.float64())),
     pa.field("win_probs", pa.list_(pa.list_(pa.float64()))),  # [N][N] or null (LiPO labels: matrix)
+    pa.field("prompt_messages", pa.string()),  # the prompt's chat messages as JSON (lambda conditioning)
 )
 
 # Bookkeeping columns of the pipeline's intermediate (staged) rows. A rejected row keeps its reason and

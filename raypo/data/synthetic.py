@@ -75,6 +75,7 @@ class SyntheticSpec:
     num_prompts: int = 512
     seed: int = 0
     num_responses: int = 4
+    kind: str = "default"  # default (this module) | steer (raypo.data.synthetic_steer)
 
 
 def _clip(x: float) -> float:
@@ -164,21 +165,53 @@ def generate_table(num_prompts: int = 512, seed: int = 0, num_responses: int = 4
     return records_to_table(generate(num_prompts, seed, num_responses), list(DIMENSIONS))
 
 
+KINDS = ("default", "steer")
+
+
+def spec_dimensions(spec: SyntheticSpec) -> list[str]:
+    if spec.kind == "steer":
+        from raypo.data.synthetic_steer import STEER_DIMENSIONS
+
+        return list(STEER_DIMENSIONS)
+    return list(DIMENSIONS)
+
+
+def synthetic_dimensions(uri: str) -> list[str]:
+    """The dimension names of a ``synthetic://`` dataset."""
+    return spec_dimensions(parse_synthetic_uri(uri))
+
+
+def spec_records(spec: SyntheticSpec) -> list[ListwiseRecord]:
+    """The records a :class:`SyntheticSpec` names."""
+    if spec.kind == "steer":
+        from raypo.data.synthetic_steer import generate_steer
+
+        return generate_steer(spec.num_prompts, spec.seed, spec.num_responses)
+    return generate(spec.num_prompts, spec.seed, spec.num_responses)
+
+
+def spec_table(spec: SyntheticSpec) -> pa.Table:
+    return records_to_table(spec_records(spec), spec_dimensions(spec))
+
+
 def is_synthetic_uri(path: str) -> bool:
     return str(path).startswith(SYNTHETIC_SCHEME)
 
 
 def parse_synthetic_uri(uri: str) -> SyntheticSpec:
-    """``synthetic://default?num_prompts=512&seed=0&num_responses=4`` -> :class:`SyntheticSpec`."""
+    """``synthetic://default?num_prompts=512&seed=0&num_responses=4`` (or ``synthetic://steer?...``, the
+    steering data of :mod:`raypo.data.synthetic_steer`) -> :class:`SyntheticSpec`."""
     parsed = urlparse(uri)
-    if not is_synthetic_uri(uri) or (parsed.netloc or "default") != "default":
-        raise ValueError(f"{uri!r} is not a synthetic dataset URI; use synthetic://default?num_prompts=512&seed=0")
+    kind = parsed.netloc or "default"
+    if not is_synthetic_uri(uri) or kind not in KINDS:
+        raise ValueError(f"{uri!r} is not a synthetic dataset URI; use "
+                         "synthetic://default?num_prompts=512&seed=0 or synthetic://steer?num_prompts=512&seed=0")
     values: dict[str, int] = {}
     for key, raw in parse_qsl(parsed.query):
-        if key not in SyntheticSpec.__dataclass_fields__:
+        if key not in SyntheticSpec.__dataclass_fields__ or key == "kind":
             raise ValueError(f"unknown key {key!r} in {uri!r}; known: num_prompts, seed, num_responses")
         try:
             values[key] = int(raw)
         except ValueError:
             raise ValueError(f"{key}={raw!r} in {uri!r} must be an integer") from None
-    return SyntheticSpec(**values)
+    return SyntheticSpec(**values, kind=kind)

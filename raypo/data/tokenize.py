@@ -162,6 +162,8 @@ def _finish_row(row: dict[str, Any], p_ids: list[int], resp: list[list[int]], ma
         "ref_logps": row.get("ref_logps"),
         "ref_entropy": row.get("ref_entropy"),
         "win_probs": row.get("win_probs"),
+        # The messages, for the trainer to render each prompt with its lambda (lambdas.condition: prompt).
+        "prompt_messages": json.dumps(list(row["prompt"]), ensure_ascii=False),
         "_reject_reason": reason,
         "_reject_detail": detail,
         "_raw": raw,

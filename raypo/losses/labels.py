@@ -297,15 +297,26 @@ def mpo_threshold(s: Tensor, valid: Tensor, kind: str = "mean", trim: float = 0.
     return torch.where(kept, ordered, zero).sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp(min=1)
 
 
-def mpo_sets(scores: Tensor, mask: Optional[Tensor] = None, threshold: str = "mean"
-             ) -> tuple[Tensor, Tensor, Tensor]:
+MPO_SELECTIONS = ("threshold", "top_bottom")
+
+
+def mpo_sets(scores: Tensor, mask: Optional[Tensor] = None, threshold: str = "mean", *,
+             selection: str = "threshold", k: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
     """MPO positive / negative sets (Gupta et al. arXiv 2412.04628; docs/loss_reference.md §5.1).
 
-    ``S_bar`` = the partition statistic of the valid scores (:func:`mpo_threshold`: the mean by default,
-    computed in float64), ``Y+ = {i valid: S_i > S_bar}`` (strict, a score equal to it goes to ``Y-``),
-    ``Y- = valid minus Y+``. A prompt whose valid scores are all equal (or that has fewer than 2 valid
-    responses) has ``Y+`` empty and is skipped. NaN scores count as invalid responses. ``Y+`` additionally
-    requires ``S_i > min`` so that float rounding can never put every response of a tied prompt into ``Y+``.
+    ``selection="threshold"`` (the paper): ``S_bar`` = the partition statistic of the valid scores
+    (:func:`mpo_threshold`: the mean by default, computed in float64), ``Y+ = {i valid: S_i > S_bar}``
+    (strict, a score equal to it goes to ``Y-``), ``Y- = valid minus Y+``. ``Y+`` additionally requires
+    ``S_i > min`` so that float rounding can never put every response of a tied prompt into ``Y+``.
+
+    ``selection="top_bottom"`` (raypo's option, the on-policy rule "discard the middle"; §5.4): ``Y+`` = the
+    ``k`` best valid responses, ``Y-`` = the ``k`` worst, the rest discarded (in neither set, so out of the
+    contrast too); ``k`` is capped at ``floor(n / 2)`` for a prompt with n valid responses, and ``k=None``
+    means ``floor(n / 2)`` (only the median of an odd list is dropped). Order: score descending, first
+    occurrence first on ties. The prompt counts only if ``min(S on Y+) > max(S on Y-)``.
+
+    Either way a prompt whose valid scores are all equal (or with fewer than 2 valid responses) is skipped.
+    NaN scores count as invalid responses.
 
     Returns:
         ``(positive [B, N] bool, negative [B, N] bool, counted [B] bool)``.
@@ -313,6 +324,10 @@ def mpo_sets(scores: Tensor, mask: Optional[Tensor] = None, threshold: str = "me
     s = scores.to(torch.float64)
     valid = _mask_like(s, mask) & ~torch.isnan(s)
     s = torch.where(valid, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    if selection == "top_bottom":
+        return _top_bottom_sets(s, valid, k)
+    if selection != "threshold":
+        raise ValueError(f"MPO selection {selection!r} is not one of {', '.join(MPO_SELECTIONS)}")
     bar = mpo_threshold(s, valid, threshold)
     inf = torch.full((), math.inf, dtype=s.dtype, device=s.device)
     lo = torch.where(valid, s, inf).amin(-1, keepdim=True)
@@ -320,6 +335,27 @@ def mpo_sets(scores: Tensor, mask: Optional[Tensor] = None, threshold: str = "me
     negative = valid & ~positive
     counted = positive.any(-1)
     return positive, negative, counted
+
+
+def _top_bottom_sets(s: Tensor, valid: Tensor, k: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``top_bottom`` selection of :func:`mpo_sets` on float64 scores ``s`` (0 where invalid)."""
+    if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise ValueError(f"MPO top_bottom selection: k={k!r} must be an integer >= 1 (or None: n // 2)")
+    n = valid.sum(-1, keepdim=True)
+    half = n // 2
+    k_eff = half if k is None else torch.clamp(half, max=k)
+    ninf = torch.full((), -math.inf, dtype=s.dtype, device=s.device)
+    # Stable descending sort: the rank of each response in score order, ties by index (first first).
+    order = torch.sort(torch.where(valid, s, ninf), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+    positive = valid & (rank < k_eff)
+    negative = valid & (rank >= n - k_eff) & ~positive
+    inf = torch.full((), math.inf, dtype=s.dtype, device=s.device)
+    worst_positive = torch.where(positive, s, inf).amin(-1)
+    best_negative = torch.where(negative, s, ninf).amax(-1)
+    counted = positive.any(-1) & negative.any(-1) & (worst_positive > best_negative)
+    return positive & counted.unsqueeze(-1), negative & counted.unsqueeze(-1), counted
 
 
 def best_worst(scores: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -2,17 +2,20 @@
 
 * :func:`mallows_theta_loss` - MallowsPO-theta, DPO with a per-prompt beta_eff = beta * phi(x) (CODE).
 * :func:`mallows_ipo_loss` - the repositories' ``mallows_ipo`` variants (CODE).
-* :func:`mallows_phi_loss` - MallowsPO-phi with the exact Mallows-Kendall link (PAPER; no official code).
+* :func:`mallows_phi_loss` - MallowsPO-phi with the exact Mallows-Kendall link or one of the paper's smooth
+  approximations (PAPER; no official code; the links live in :mod:`raypo.losses.mallows_link`).
 * Dispersion: ``phi(x) = -c * log Hbar(x)`` from reference-model token entropies (§4.3).
 
-``dispersion`` is always the *neg-log dispersion* ``phi(x) [B]`` (a positive number, dataset mean 1 after
-:func:`calibrate_c`). MallowsPO-phi's Mallows dispersion is ``varphi(x) = exp(-phi(x)) = Hbar(x)^c``,
-in (0, 1).
+The dispersion comes in one of two inputs: ``dispersion [B]``, the *neg-log dispersion* ``phi(x)`` of each
+prompt, given; or ``ref_entropy [B, N]``, each response's normalised reference entropy Hbar(y), from which
+the loss takes ``phi(x) = -c log((Hbar(y_w) + Hbar(y_l)) / 2)`` over the pair it chose itself (as the
+MallowsPO code averages the chosen and the rejected response), with ``c = dispersion_c`` (the trainer
+calibrates it so that the dataset mean of phi is 1, raypo/train/dispersion.py). MallowsPO-phi's Mallows
+dispersion is ``varphi(x) = exp(-phi(x)) = Hbar(x)^c``, in (0, 1).
 
 These are pairwise losses: N = 2 with column 0 chosen, or any N with ``scores`` (best vs worst; tied
 prompts skipped; ``[B, N, m]`` ratings aggregated with ``temperature``), exactly as
-:mod:`raypo.losses.pairwise`. The dispersion is per prompt; which responses'
-entropies it averages is the caller's choice (the official code: the chosen and the rejected one).
+:mod:`raypo.losses.pairwise`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ from raypo.losses._common import (
     check_range,
     prepare_inputs,
 )
-from raypo.losses.pairwise import PairSelection, pair_output, select_pair
+from raypo.losses.mallows_link import (
+    LINKS,
+    POLY_RANGE_MODES,
+    as_neg_log_phi,
+    neg_log_link,
+    neg_log_link_exact,
+)
+from raypo.losses.pairwise import PairSelection, pair_labels, pair_output
 
 #: MallowsPO's shipped ``neg_log_dispersion_mean`` (Llama-3-Instruct on UltraFeedback-ArmoRM).
 DEFAULT_C = 0.29
@@ -131,18 +141,85 @@ def calibrate_c(hbar_per_prompt: HbarLike) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _dispersion(name: str, dispersion: Optional[Tensor], batch: int, like: Tensor) -> Tensor:
-    if dispersion is None:
-        raise LossHyperparameterError(
-            f"{name}: needs dispersion [B], the neg-log dispersion phi(x) = -c log Hbar(x) of each prompt "
-            "(raypo.losses.neg_log_dispersion); phi = 1 everywhere reduces MallowsPO-theta to DPO"
-        )
+#: What a prompt whose pair lacks a reference entropy gets (docs/losses.md "MallowsPO dispersion"): error
+#: (the default), or mean: phi := 1, the dataset mean of phi after calibration (MallowsPO-theta is then DPO
+#: for that prompt), counted in ``metrics["num_missing_entropy"]``.
+MISSING_ENTROPY = ("error", "mean")
+
+
+def _select(name: str, policy: Tensor, ref: Tensor, mask: Tensor, scores: Optional[Tensor],
+            temperature: float) -> tuple[PairSelection, Tensor, Tensor]:
+    """:func:`raypo.losses.pairwise.select_pair` that also returns the chosen and rejected indices."""
+    w, lo, usable, mask = pair_labels(name, mask, scores, dtype=policy.dtype, temperature=temperature)
+
+    def take(x: Tensor, idx: Tensor) -> Tensor:
+        return x.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+    return PairSelection(take(policy, w), take(policy, lo), take(ref, w), take(ref, lo), usable, mask), w, lo
+
+
+def _given_dispersion(name: str, dispersion: Tensor, batch: int, like: Tensor) -> Tensor:
     d = torch.as_tensor(dispersion).to(device=like.device, dtype=like.dtype)
     if d.dim() == 0:
         d = d.expand(batch)
     if d.shape != (batch,):
         raise LossHyperparameterError(f"{name}: dispersion must be [B] = [{batch}], got {tuple(d.shape)}")
     return d
+
+
+def pair_dispersion(
+    name: str, sel: PairSelection, chosen: Tensor, rejected: Tensor, like: Tensor, *,
+    dispersion: Optional[Tensor], ref_entropy: Optional[Tensor], dispersion_c: float, missing_entropy: str,
+) -> tuple[Tensor, Tensor]:
+    """``(phi [B], missing [B] bool)``: each prompt's neg-log dispersion, from its own pair.
+
+    Reference: docs/loss_reference.md §4.3. Either ``dispersion [B]`` (phi given per prompt) or
+    ``ref_entropy [B, N]`` (each response's normalised reference entropy Hbar(y); NaN = missing), from which
+    phi(x) = -c log((Hbar(y_w) + Hbar(y_l)) / 2) over the pair the loss chose (``chosen``, ``rejected``), as
+    the MallowsPO code averages the chosen and the rejected response. A usable prompt whose pair has a
+    missing entropy (NaN, or 0: a response without scored tokens) raises under ``missing_entropy="error"``
+    and gets phi = 1 under ``"mean"``; skipped prompts get phi = 1 too (they are not in the loss).
+    """
+    check_choice(name, "missing_entropy", missing_entropy, MISSING_ENTROPY)
+    batch = like.shape[0]
+    if (dispersion is None) == (ref_entropy is None):
+        raise LossHyperparameterError(
+            f"{name}: needs exactly one of dispersion [B] (phi(x) per prompt) or ref_entropy [B, N] (each "
+            "response's normalised reference entropy, raypo.losses.normalized_mean_entropy); got "
+            f"{'both' if dispersion is not None else 'neither'}; phi = 1 everywhere reduces MallowsPO-theta "
+            "to DPO"
+        )
+    no_missing = torch.zeros(batch, dtype=torch.bool, device=like.device)
+    if dispersion is not None:
+        return _given_dispersion(name, dispersion, batch, like), no_missing
+    if not (isinstance(dispersion_c, (int, float)) and math.isfinite(dispersion_c) and dispersion_c > 0):
+        raise LossHyperparameterError(f"{name}: dispersion_c={dispersion_c!r} must be a finite number > 0")
+    h = torch.as_tensor(ref_entropy).to(device=like.device, dtype=torch.float64)
+    if tuple(h.shape) != tuple(like.shape):
+        raise LossHyperparameterError(
+            f"{name}: ref_entropy must be [B, N] = {tuple(like.shape)}, got {tuple(h.shape)}")
+    h_w = h.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    h_l = h.gather(1, rejected.unsqueeze(1)).squeeze(1)
+    present = (h_w > 0) & (h_l > 0)  # False for NaN
+    missing = sel.usable & ~present
+    if missing_entropy == "error" and bool(missing.any()):
+        raise ValueError(
+            f"{name}: {int(missing.sum())} of {int(sel.usable.sum())} prompts have no reference entropy for "
+            "their chosen or rejected response (NaN, or 0 for a response without scored tokens), so their "
+            "dispersion is unknown; recompute ref_entropy (train.reference=precomputed) or set "
+            "loss.params.missing_entropy=mean to give those prompts phi = 1 (counted as num_missing_entropy)")
+    one = torch.ones((), dtype=torch.float64, device=like.device)
+    hbar = torch.where(sel.usable & present, 0.5 * (h_w + h_l), one)
+    phi = torch.where(sel.usable & present, -dispersion_c * torch.log(hbar), one)
+    return phi.to(like.dtype), missing
+
+
+def _with_dispersion_metrics(out: LossOutput, phi: Tensor, missing: Tensor, usable: Tensor) -> LossOutput:
+    """Adds ``num_missing_entropy`` and ``dispersion_sum`` (sum of phi over the counted prompts)."""
+    zero = torch.zeros((), dtype=phi.dtype, device=phi.device)
+    out.metrics["num_missing_entropy"] = missing.detach().to(phi.dtype).sum()
+    out.metrics["dispersion_sum"] = torch.where(usable, phi, zero).detach().sum()
+    return out
 
 
 def _mallows_logits(
@@ -188,6 +265,7 @@ def mallows_theta_loss(
     mask: Optional[Tensor] = None,
     scores: Optional[Tensor] = None,
     dispersion: Optional[Tensor] = None,
+    ref_entropy: Optional[Tensor] = None,
     beta: float = 10.0,
     reference_free: bool = True,
     label_smoothing: float = 0.0,
@@ -196,6 +274,8 @@ def mallows_theta_loss(
     mixing_alpha: float = 0.5,
     length_normalization: bool = True,
     temperature: float = 1.0,
+    dispersion_c: float = DEFAULT_C,
+    missing_entropy: str = "error",
 ) -> LossOutput:
     """MallowsPO-theta (docs/loss_reference.md §4.1; CODE ``loss_type="mallows_dpo"``).
 
@@ -203,7 +283,9 @@ def mallows_theta_loss(
         logits = (th_w - th_l) - a (r_w - r_l) - (1 - a) h       (if_mixing_alpha=True, a = mixing_alpha)
         L = -(1 - eps) log sigmoid(beta * phi(x) * logits) - eps log sigmoid(-beta * phi(x) * logits)
 
-    ``reference_free=True`` sets (r_w - r_l) := 0 and a := 0. phi = ``dispersion [B]``.
+    ``reference_free=True`` sets (r_w - r_l) := 0 and a := 0. phi = ``dispersion [B]``, or from
+    ``ref_entropy [B, N]`` and ``dispersion_c`` over the chosen pair (:func:`pair_dispersion`;
+    ``missing_entropy``: ``error`` | ``mean``).
 
     Defaults as shipped (mallowsPO_config.py): beta = 10, reference_free = True, length-normalised
     log-probs (``length_normalization=True`` tells the trainer to feed per-token means), h = 0, eps = 0;
@@ -214,13 +296,15 @@ def mallows_theta_loss(
     _check_common(name, beta, home_advantage, mixing_alpha)
     check_range(name, "label_smoothing", label_smoothing, 0.0, 0.5)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
-    phi = _dispersion(name, dispersion, policy.shape[0], policy)
-    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
+    sel, w, lo = _select(name, policy, ref, mask, scores, temperature)
+    phi, missing = pair_dispersion(name, sel, w, lo, policy, dispersion=dispersion, ref_entropy=ref_entropy,
+                                   dispersion_c=dispersion_c, missing_entropy=missing_entropy)
     logits = _mallows_logits(sel, reference_free=reference_free, home_advantage=home_advantage,
                              if_mixing_alpha=if_mixing_alpha, mixing_alpha=mixing_alpha)
     z = beta * phi * logits
     per_prompt = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-    return pair_output(per_prompt, sel, *_rewards(policy, ref, sel, beta, reference_free))
+    out = pair_output(per_prompt, sel, *_rewards(policy, ref, sel, beta, reference_free))
+    return _with_dispersion_metrics(out, phi, missing, sel.usable)
 
 
 def mallows_ipo_loss(
@@ -230,6 +314,7 @@ def mallows_ipo_loss(
     mask: Optional[Tensor] = None,
     scores: Optional[Tensor] = None,
     dispersion: Optional[Tensor] = None,
+    ref_entropy: Optional[Tensor] = None,
     beta: float = 0.1,
     variant: str = "mallowspo",
     reference_free: bool = False,
@@ -238,6 +323,8 @@ def mallows_ipo_loss(
     mixing_alpha: float = 0.5,
     length_normalization: bool = True,
     temperature: float = 1.0,
+    dispersion_c: float = DEFAULT_C,
+    missing_entropy: str = "error",
 ) -> LossOutput:
     """MallowsPO IPO variants (docs/loss_reference.md §4.2; CODE).
 
@@ -246,17 +333,19 @@ def mallows_ipo_loss(
         variant="rainbowpo_modified" (RainbowPO ``mallows_ipo_modified``, also accepted as that name):
                                                         L = relu(1/2 - beta * phi * logits)^2
 
-    logits as :func:`mallows_theta_loss`. Defaults: beta = 0.1, variant "mallowspo", with the reference
-    (reference_free=False) and length-normalised log-probs as TRL's IPO, so that phi = 1 gives TRL IPO
-    (§7 identity 7); temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
+    logits and the dispersion inputs as :func:`mallows_theta_loss`. Defaults: beta = 0.1, variant
+    "mallowspo", with the reference (reference_free=False) and length-normalised log-probs as TRL's IPO,
+    so that phi = 1 gives TRL IPO (§7 identity 7); temperature = 1.0 (rating softmax, only for
+    ``[B, N, m]`` scores).
     """
     name = "mallows_ipo"
     _check_common(name, beta, home_advantage, mixing_alpha)
     # "mallows_ipo_modified" is RainbowPO's own loss_type name for the modified variant.
     check_choice(name, "variant", variant, MALLOWS_IPO_VARIANTS)
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
-    phi = _dispersion(name, dispersion, policy.shape[0], policy)
-    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
+    sel, w, lo = _select(name, policy, ref, mask, scores, temperature)
+    phi, missing = pair_dispersion(name, sel, w, lo, policy, dispersion=dispersion, ref_entropy=ref_entropy,
+                                   dispersion_c=dispersion_c, missing_entropy=missing_entropy)
     logits = _mallows_logits(sel, reference_free=reference_free, home_advantage=home_advantage,
                              if_mixing_alpha=if_mixing_alpha, mixing_alpha=mixing_alpha)
     if variant == "mallowspo":
@@ -265,84 +354,15 @@ def mallows_ipo_loss(
         per_prompt = (beta * phi * logits - 0.5) ** 2
     else:
         per_prompt = torch.relu(0.5 - beta * phi * logits) ** 2
-    return pair_output(per_prompt, sel, *_rewards(policy, ref, sel, beta, reference_free))
+    out = pair_output(per_prompt, sel, *_rewards(policy, ref, sel, beta, reference_free))
+    return _with_dispersion_metrics(out, phi, missing, sel.usable)
 
 
 # --------------------------------------------------------------------------------------------------
-# MallowsPO-phi: the exact Mallows-Kendall link (docs/loss_reference.md §4.4)
+# MallowsPO-phi (docs/loss_reference.md §4.4; links in raypo/losses/mallows_link.py, §4.5)
 # --------------------------------------------------------------------------------------------------
-#
-# With a = -log varphi > 0 and B(x) = x / (e^x - 1) (B(0) = 1, decreasing on x >= 0):
-#     d / (1 - varphi^d) = d + B(a d) / a,   so for v > 0
-#     g(v)  = (v+1)/(1 - varphi^(v+1)) - v/(1 - varphi^v) = 1 - Q(v),
-#     Q(v)  = (B(a v) - B(a (v+1))) / a  in (0, 1/2),     g(-v) = 1 - g(v) = Q(v).
-# Everything is evaluated through log B, which is stable for all x >= 0, so -log g never cancels:
-#     log Q(v) = -log a + log B(a v) + log(-expm1(log B(a v + a) - log B(a v))).
 
-
-_SERIES_X = 1e-4
-
-
-def _log_b(x: Tensor) -> Tensor:
-    """log(x / (e^x - 1)) for x >= 0, exact to float64 rounding; log B(0) = 0."""
-    small = x < _SERIES_X
-    xs = torch.where(small, torch.ones_like(x), x)
-    # log x - log(e^x - 1) = log x - x - log(1 - e^-x); -expm1(-x) keeps 1 - e^-x accurate for small x.
-    general = torch.log(xs) - xs - torch.log(-torch.expm1(-xs))
-    xq = torch.where(small, x, torch.zeros_like(x))
-    # -x/2 - log(sinh(x/2) / (x/2)), Taylor to x^4: error < 1e-21 for x < 1e-4.
-    series = -xq / 2 - xq**2 / 24 + xq**4 / 2880
-    return torch.where(small, series, general)
-
-
-def _log_q(v: Tensor, a: Tensor) -> Tensor:
-    """log(1 - g(v)) for v >= 0 (v = 0 means the limit 0+)."""
-    x0 = a * v
-    lb0 = _log_b(x0)
-    lb1 = _log_b(x0 + a)
-    return -torch.log(a) + lb0 + torch.log(-torch.expm1(lb1 - lb0))
-
-
-def _b_prime(a: Tensor) -> Tensor:
-    """B'(a) for a > 0: ((1 - e^-a) - a) e^-a / (1 - e^-a)^2, with a series near 0."""
-    small = a < 1e-3
-    as_ = torch.where(small, torch.ones_like(a), a)
-    one_m = -torch.expm1(-as_)
-    general = (one_m - as_) * torch.exp(-as_) / one_m**2
-    aq = torch.where(small, a, torch.zeros_like(a))
-    series = -0.5 + aq / 6 - aq**3 / 180
-    return torch.where(small, series, general)
-
-
-def _neg_log_g(u: Tensor, a: Tensor) -> Tensor:
-    """-log g_varphi(u) for real u, a = -log varphi; g(0) := 1/2 (NON-NORMATIVE).
-
-    Reference: docs/loss_reference.md §4.4.
-
-    g jumps at 0 (g(0+) = 1/(1 - varphi) + 1/ln varphi). At exactly u = 0 - every prompt at step 0, when the
-    policy equals the reference - the value is log 2 and the gradient is the mean of the two one-sided
-    derivatives of -log g, so training starts instead of sitting on a zero gradient.
-    """
-    zero = torch.zeros_like(u)
-    pos, neg = u > 0, u < 0
-    v_pos = torch.where(pos, u, torch.ones_like(u))
-    v_neg = torch.where(neg, -u, torch.ones_like(u))
-    loss_pos = -torch.log1p(-torch.exp(_log_q(v_pos, a)))
-    loss_neg = -_log_q(v_neg, a)
-    # One-sided slopes at 0: g'(0+) = g'(0-) = 1/2 + B'(a), g(0+) = 1 - Q(0+), g(0-) = Q(0+).
-    with torch.no_grad():
-        q0 = torch.exp(_log_q(zero, a))
-        g_prime = 0.5 + _b_prime(a)
-        slope = -0.5 * g_prime * (1.0 / (1.0 - q0) + 1.0 / q0)
-    at_zero = math.log(2.0) + slope * u
-    return torch.where(pos, loss_pos, torch.where(neg, loss_neg, at_zero))
-
-
-def _as_neg_log_phi(phi: Union[float, Tensor], like: Tensor) -> Tensor:
-    p = torch.as_tensor(phi, dtype=torch.float64, device=like.device)
-    if not bool(((p > 0) & (p < 1)).all()):
-        raise ValueError(f"mallows_phi_link: the Mallows dispersion phi must lie in (0, 1), got {phi}")
-    return -torch.log(p)
+_neg_log_g = neg_log_link_exact  # the exact link's -log g (kept under its old name)
 
 
 def mallows_phi_link(u: Tensor, phi: Union[float, Tensor]) -> Tensor:
@@ -360,7 +380,7 @@ def mallows_phi_link(u: Tensor, phi: Union[float, Tensor]) -> Tensor:
     u_t = torch.as_tensor(u)
     out_dtype = u_t.dtype if u_t.is_floating_point() else torch.float64
     u64 = u_t.to(torch.float64)
-    return torch.exp(-_neg_log_g(u64, _as_neg_log_phi(phi, u64))).to(out_dtype)
+    return torch.exp(-neg_log_link_exact(u64, as_neg_log_phi(phi, u64))).to(out_dtype)
 
 
 def mallows_phi_loss(
@@ -370,36 +390,62 @@ def mallows_phi_loss(
     mask: Optional[Tensor] = None,
     scores: Optional[Tensor] = None,
     dispersion: Optional[Tensor] = None,
+    ref_entropy: Optional[Tensor] = None,
     beta: float = 0.1,
     reference_free: bool = False,
     length_normalization: bool = False,
     temperature: float = 1.0,
+    dispersion_c: float = DEFAULT_C,
+    missing_entropy: str = "error",
+    link: str = "exact",
+    sigmoid_scale: float = 1.0,
+    poly_degree: int = 5,
+    poly_range: float = 3.0,
+    poly_range_mode: str = "dispersion",
 ) -> LossOutput:
-    """MallowsPO-phi with the exact Mallows-Kendall link (PAPER, not in any official code).
+    """MallowsPO-phi with the Mallows-Kendall link (PAPER, not in any official code).
 
-    Reference: docs/loss_reference.md §4.4.
+    Reference: docs/loss_reference.md §4.4 (exact link) and §4.5 (smooth approximations).
 
         u = s_w - s_l = beta * ((th_w - th_l) - (r_w - r_l)),   varphi(x) = exp(-phi(x)) = Hbar(x)^c
-        L = -log g_varphi(x)(u)                                   (g: :func:`mallows_phi_link`)
+        L = -log g_varphi(x)(u)
 
-    ``dispersion [B]`` is the neg-log dispersion phi(x) > 0 (as for MallowsPO-theta). The link is computed
-    in float64 and the loss cast back. g(0) := 1/2; at u = 0 the gradient is the mean of the one-sided
-    gradients (the closed form jumps at 0). The paper's smooth approximations (App. C.5) are not
-    implemented (docs/loss_reference.md §10.11). Defaults: beta = 0.1, with the reference, summed
-    log-probs (the DPO-based setting); temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
+    ``link``: ``exact`` (:func:`mallows_phi_link`; g(0) := 1/2, and at u = 0 the gradient is the mean of the
+    one-sided gradients, since the closed form jumps at 0), ``sigmoid`` (g ~ sigmoid(sigmoid_scale * phi *
+    u): MallowsPO-theta with beta * sigmoid_scale), or ``polynomial`` (an odd polynomial of degree
+    ``poly_degree`` fitted per prompt to the exact link on [-U, U], U = ``poly_range`` / phi for
+    ``poly_range_mode="dispersion"`` or ``poly_range`` for ``"fixed"``; constant beyond); the MallowsPO
+    paper's Appendix C.5, forms of raypo/losses/mallows_link.py.
+
+    The dispersion: ``dispersion [B]`` (phi(x) > 0 given), or ``ref_entropy [B, N]`` with
+    ``dispersion_c`` (phi from the chosen pair, :func:`pair_dispersion`). The link is computed in float64
+    and the loss cast back. Defaults: beta = 0.1, with the reference, summed log-probs (the DPO-based
+    setting); temperature = 1.0 (rating softmax, only for ``[B, N, m]`` scores).
     """
     name = "mallows_phi"
     check_positive(name, "beta", beta)
+    check_choice(name, "link", link, LINKS)
+    check_choice(name, "poly_range_mode", poly_range_mode, POLY_RANGE_MODES)
+    check_positive(name, "sigmoid_scale", sigmoid_scale)
+    check_positive(name, "poly_range", poly_range)
+    if not (isinstance(poly_degree, int) and poly_degree >= 1 and poly_degree % 2 == 1):
+        raise LossHyperparameterError(
+            f"{name}: poly_degree={poly_degree!r} must be an odd integer >= 1, e.g. 5")
     policy, ref, mask = prepare_inputs(name, policy_logps, ref_logps, mask)
-    phi = _dispersion(name, dispersion, policy.shape[0], policy)
-    if not bool((torch.isfinite(phi) & (phi > 0)).all()):
+    sel, w, lo = _select(name, policy, ref, mask, scores, temperature)
+    phi, missing = pair_dispersion(name, sel, w, lo, policy, dispersion=dispersion, ref_entropy=ref_entropy,
+                                   dispersion_c=dispersion_c, missing_entropy=missing_entropy)
+    if not bool((torch.isfinite(phi) & (phi > 0))[sel.usable].all()):
         raise LossHyperparameterError(
             f"{name}: dispersion (neg-log dispersion phi = -c log Hbar) must be finite and > 0 for every "
             "prompt (Hbar in (0, 1)); got values outside that range"
         )
-    sel = select_pair(name, policy, ref, mask, scores, temperature=temperature)
     s_all, s_w, s_l = _rewards(policy, ref, sel, beta, reference_free)
     u = s_w - s_l
+    a = torch.where(sel.usable, phi.detach(), torch.ones_like(phi)).to(torch.float64)
     # The link runs in float64 on [B] scalars: cheap, and it keeps -log g exact in float32 training.
-    per_prompt = _neg_log_g(u.to(torch.float64), phi.detach().to(torch.float64)).to(u.dtype)
-    return pair_output(per_prompt, sel, s_all, s_w, s_l)
+    per_prompt = neg_log_link(u.to(torch.float64), a, link, sigmoid_scale=sigmoid_scale,
+                              poly_degree=poly_degree, poly_range_=poly_range,
+                              poly_range_mode=poly_range_mode).to(u.dtype)
+    out = pair_output(per_prompt, sel, s_all, s_w, s_l)
+    return _with_dispersion_metrics(out, phi, missing, sel.usable)

@@ -42,7 +42,7 @@ from raypo.losses.pairwise import dpo_loss, ipo_loss, pair_denominator, simpo_lo
 LABEL_KINDS = ("pairwise_order", "scalar_scores", "per_dimension_scores")
 
 # Arguments of every loss function that are inputs, not hyperparameters.
-_INPUT_ARGS = ("policy_logps", "ref_logps", "mask", "scores", "lam", "dispersion")
+_INPUT_ARGS = ("policy_logps", "ref_logps", "mask", "scores", "lam", "dispersion", "ref_entropy")
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,13 @@ class LossSpec:
 
     Attributes:
         name: registry key.
-        fn: the loss function ``fn(policy_logps, ref_logps, *, mask, scores, [lam], [dispersion], **hp)``.
+        fn: the loss function ``fn(policy_logps, ref_logps, *, mask, scores, [lam], [dispersion],
+            [ref_entropy], **hp)``.
         family: module / paper family.
         labels: one of :data:`LABEL_KINDS`.
         needs_lambda: takes ``lam`` ([m] or [B, m]).
-        needs_dispersion: takes ``dispersion`` [B] (neg-log dispersion, MallowsPO).
+        needs_dispersion: takes ``dispersion`` [B] (neg-log dispersion, MallowsPO) or ``ref_entropy``
+            [B, N] (per-response normalised reference entropies, the pair's dispersion taken by the loss).
         logp_reduction: ``"sum"`` (log-probs summed over completion tokens) or ``"mean"``
             (length-normalised), as the loss's source computes them; :meth:`logp_reduction_for` applies a
             ``length_normalization`` hparam where the loss has one.
@@ -88,6 +90,7 @@ class LossSpec:
         lam: Optional[Tensor] = None,
         *,
         dispersion: Optional[Tensor] = None,
+        ref_entropy: Optional[Tensor] = None,
         shape: Optional[tuple[int, ...]] = None,
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
@@ -101,8 +104,9 @@ class LossSpec:
 
         Args:
             mask, scores, lam: as for :func:`listwise_loss` (lam only for lambda_dpo, where it is checked).
-            dispersion: accepted for symmetry with :func:`listwise_loss` and ignored (it never changes a
-                count); only mallows_* accept one.
+            dispersion, ref_entropy: accepted for symmetry with :func:`listwise_loss` and ignored (they
+                never change a count: a prompt with a missing entropy still counts, docs/losses.md
+                "MallowsPO dispersion"); only mallows_* accept them.
             shape: ``(B, N)`` when ``mask`` is None; default: ``scores.shape[:2]``.
             dtype: the dtype of the policy log-probs the loss will get; the result is in the loss's
                 compute dtype (float64 for float64, else float32), as ``LossOutput.denominator``.
@@ -120,10 +124,10 @@ class LossSpec:
             raise LossHyperparameterError(
                 f"loss {self.name!r} does not use lam (only lambda_dpo weights dimensions); drop lam"
             )
-        if dispersion is not None and not self.needs_dispersion:
+        if (dispersion is not None or ref_entropy is not None) and not self.needs_dispersion:
             raise LossHyperparameterError(
-                f"loss {self.name!r} does not use dispersion (only mallows_theta, mallows_ipo and "
-                "mallows_phi do)"
+                f"loss {self.name!r} does not use dispersion or ref_entropy (only mallows_theta, mallows_ipo "
+                "and mallows_phi do)"
             )
         if shape is None:
             if mask is not None:
@@ -180,7 +184,10 @@ class LossSpec:
         """``"sum"`` or ``"mean"`` log-prob reduction with these hyperparameters."""
         hp = self.resolved(hparams)
         if "length_normalization" in hp:
-            return "mean" if hp["length_normalization"] else "sum"
+            value = hp["length_normalization"]
+            if value is None:  # follows reference_free (mpo: SimPO's per-token mean when reference-free)
+                value = bool(hp.get("reference_free", False))
+            return "mean" if value else "sum"
         return self.logp_reduction
 
 
@@ -271,10 +278,11 @@ LOSS_REGISTRY: dict[str, LossSpec] = {
               "docs/loss_reference.md §4.2; haoxian-chen/MallowsPO and RainbowPO mallows_ipo",
               needs_dispersion=True),
         _spec("mallows_phi", mallows_phi_loss, "mallows", _PO, "sum", "prompt",
-              "docs/loss_reference.md §4.4; Chen et al. arXiv 2405.14953 (exact Mallows-Kendall link)",
+              "docs/loss_reference.md §4.4, §4.5; Chen et al. arXiv 2405.14953 (Mallows-Kendall link; "
+              "App. C.5 smooth approximations)",
               needs_dispersion=True),
         _spec("mpo", mpo_loss, "mpo", _SC, "sum", "prompt",
-              "docs/loss_reference.md §5.2; Gupta et al. arXiv 2412.04628"),
+              "docs/loss_reference.md §5.2, §5.4; Gupta et al. arXiv 2412.04628"),
         _spec("wmpo", wmpo_loss, "mpo", _SC, "sum", "prompt",
               "docs/loss_reference.md §5.3; Gupta et al. arXiv 2412.04628 (W-MPO, Eq. 6-7)"),
         _spec("infonca", infonca_loss, "nca", _SC, "sum", "prompt",
@@ -328,6 +336,7 @@ def listwise_loss(
     scores: Optional[Tensor] = None,
     lam: Optional[Tensor] = None,
     dispersion: Optional[Tensor] = None,
+    ref_entropy: Optional[Tensor] = None,
     **hparams: Any,
 ) -> LossOutput:
     """Computes loss ``name`` on a listwise batch; the single entry point of :mod:`raypo.losses`.
@@ -344,6 +353,9 @@ def listwise_loss(
             (lambda_dpo).
         lam: ``[m]`` or ``[B, m]`` (lambda_dpo only).
         dispersion: ``[B]`` neg-log dispersion phi(x) (mallows_* only).
+        ref_entropy: ``[B, N]`` per-response normalised reference entropies Hbar(y) (mallows_* only; instead
+            of ``dispersion``: the loss takes phi(x) = -c log((Hbar_w + Hbar_l) / 2) from the pair it
+            chooses, c = the ``dispersion_c`` hyperparameter).
         **hparams: the loss's hyperparameters; unknown keys raise :class:`LossHyperparameterError`.
 
     Returns:
@@ -365,9 +377,11 @@ def listwise_loss(
         )
     if spec.needs_dispersion:
         kwargs["dispersion"] = dispersion
-    elif dispersion is not None:
+        kwargs["ref_entropy"] = ref_entropy
+    elif dispersion is not None or ref_entropy is not None:
         raise LossHyperparameterError(
-            f"loss {name!r} does not use dispersion (only mallows_theta, mallows_ipo and mallows_phi do)"
+            f"loss {name!r} does not use dispersion or ref_entropy (only mallows_theta, mallows_ipo and "
+            "mallows_phi do)"
         )
     return spec.fn(policy_logps, ref_logps, **kwargs, **hparams)
 
@@ -379,11 +393,12 @@ def loss_denominator(
     scores: Optional[Tensor] = None,
     lam: Optional[Tensor] = None,
     dispersion: Optional[Tensor] = None,
+    ref_entropy: Optional[Tensor] = None,
     shape: Optional[tuple[int, ...]] = None,
     dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
     **hparams: Any,
 ) -> Tensor:
     """``listwise_loss(name, ...).denominator`` from the labels alone (:meth:`LossSpec.denominator`)."""
-    return get_loss_spec(name).denominator(mask, scores, lam, dispersion=dispersion, shape=shape, dtype=dtype,
-                                           device=device, **hparams)
+    return get_loss_spec(name).denominator(mask, scores, lam, dispersion=dispersion, ref_entropy=ref_entropy,
+                                           shape=shape, dtype=dtype, device=device, **hparams)

@@ -41,6 +41,8 @@ class ListwiseBatch:
     num_responses: int
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     response_masks: list[list[list[int]]] | None = None
+    # [B] each prompt's chat messages as JSON, when the data carries them (lambda conditioning renders them)
+    prompt_messages: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.prompt_ids) != len(self.response_ids):
@@ -108,14 +110,17 @@ class ListwiseBatch:
                   for k, v in self.extras.items()}
         masks = None if self.response_masks is None else [ms[start:stop] for ms in self.response_masks]
         return ListwiseBatch(self.prompt_ids, [rs[start:stop] for rs in self.response_ids],
-                             num_responses=max(stop - start, 0), extras=extras, response_masks=masks)
+                             num_responses=max(stop - start, 0), extras=extras, response_masks=masks,
+                             prompt_messages=self.prompt_messages)
 
     def select_groups(self, start: int, stop: int) -> ListwiseBatch:
         """Groups [start, stop) with the list width N kept (so per-group results stack back to [B, N])."""
         extras = {k: v[start:stop] for k, v in self.extras.items()}
         masks = None if self.response_masks is None else self.response_masks[start:stop]
+        messages = None if self.prompt_messages is None else self.prompt_messages[start:stop]
         return ListwiseBatch(self.prompt_ids[start:stop], self.response_ids[start:stop],
-                             num_responses=self.num_responses, extras=extras, response_masks=masks)
+                             num_responses=self.num_responses, extras=extras, response_masks=masks,
+                             prompt_messages=messages)
 
     def token_stats(self) -> dict[str, int]:
         """Tokens processed by each layout; ``unshared / shared`` is the achieved prefix-sharing gain rho."""
@@ -195,7 +200,11 @@ def collate_listwise(
     masks = None
     if rows and all(r.get("response_masks") is not None for r in rows):
         masks = [[_as_int_list(m) for m in r["response_masks"]] for r in rows]
-    return ListwiseBatch(prompts, responses, num_responses=n, extras=extras, response_masks=masks)
+    messages = None
+    if rows and all(r.get("prompt_messages") is not None for r in rows):
+        messages = [str(r["prompt_messages"]) for r in rows]
+    return ListwiseBatch(prompts, responses, num_responses=n, extras=extras, response_masks=masks,
+                         prompt_messages=messages)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -47,24 +47,39 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``a @ b`` with an ``acc`` result: for low-precision inputs on CUDA, cuBLAS's fp32-output GEMM (bf16
-    tensor cores, no rounded low-precision [c, V] copy to upcast); elsewhere the GEMM in the model dtype
-    and one cast (CPUs have no fp32-output bf16 GEMM)."""
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, out: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """``a @ b`` with an ``acc`` result, written into ``out`` when given (a reused chunk buffer): for
+    low-precision inputs on CUDA, cuBLAS's fp32-output GEMM (bf16 tensor cores, no rounded low-precision
+    [c, V] copy to upcast); in ``acc`` itself, the GEMM straight into ``out``; elsewhere the GEMM in the
+    model dtype and one cast (CPUs have no fp32-output bf16 GEMM)."""
     if a.dtype != acc and a.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=acc)
+            return torch.mm(a, b, out_dtype=acc) if out is None else torch.mm(a, b, out_dtype=acc, out=out)
         except (RuntimeError, TypeError, NotImplementedError):  # older torch / unsupported dtype pair
             pass
-    return (a @ b).to(acc)
+    if out is None:
+        return (a @ b).to(acc)
+    if a.dtype == acc:
+        return torch.mm(a, b, out=out)
+    return out.copy_(a @ b)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[c, V] logits in the accumulation dtype (fp32, float64 for float64 inputs)."""
-    logits = _mm_acc(hidden, weight.t(), _accum_dtype(hidden.dtype))
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """[c, V] logits in the accumulation dtype (fp32, float64 for float64 inputs), into ``out`` if given."""
+    logits = _mm_acc(hidden, weight.t(), _accum_dtype(hidden.dtype), out)
     if bias is not None:
         logits += bias
     return logits
+
+
+def _chunk_buffer(num_tokens: int, chunk_size: int, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One [min(c, T), V] buffer that every chunk of a call writes its logits into. Why: a fresh [c, V]
+    tensor per chunk is a fresh large allocation (glibc mmaps it), whose pages the kernel faults in and
+    zeroes on first touch, once per chunk and pass; on CPU that costs about as much as the elementwise
+    passes over the chunk. Peak memory is unchanged: one chunk was alive at a time before too."""
+    return torch.empty(min(chunk_size, num_tokens), weight.shape[0], dtype=dtype, device=weight.device)
 
 
 def _chunk_label_lse(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +121,10 @@ class ChunkedLabelLogProb(torch.autograd.Function):
         logp = hidden.new_empty(num_tokens, dtype=acc)
         lse = hidden.new_empty(num_tokens, dtype=acc)
         entropy = hidden.new_empty(num_tokens if with_entropy else 0, dtype=acc)
+        buffer = _chunk_buffer(num_tokens, chunk_size, weight, acc)
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
-            z = _chunk_logits(hidden[start:stop], weight, bias)
+            z = _chunk_logits(hidden[start:stop], weight, bias, out=buffer[:stop - start])
             if with_entropy:  # reference only (no backward): needs z after the softmax
                 lse_c = torch.logsumexp(z, dim=-1)
                 picked = z.gather(1, labels[start:stop, None]).squeeze(1)
@@ -118,6 +134,7 @@ class ChunkedLabelLogProb(torch.autograd.Function):
             del z
             lse[start:stop] = lse_c
             logp[start:stop] = picked - lse_c
+        del buffer
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(entropy)
@@ -132,21 +149,27 @@ class ChunkedLabelLogProb(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         grad_logp = grad_logp.to(acc)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, hidden.shape[0])
+        num_tokens = hidden.shape[0]
+        # one fp32 [c, V] buffer for every chunk's logits and dz (and one in the model dtype for its cast)
+        buffer = _chunk_buffer(num_tokens, ctx.chunk_size, weight, acc)
+        low = _chunk_buffer(num_tokens, ctx.chunk_size, weight, weight.dtype) if weight.dtype != acc else None
+        for start in range(0, num_tokens, ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, num_tokens)
             h_c, g_c = hidden[start:stop], grad_logp[start:stop]
-            # in place on the fresh fp32 logits chunk: one [c, V] fp32 buffer in the backward
-            dz = _chunk_logits(h_c, weight, bias).sub_(lse[start:stop, None]).exp_().mul_(-g_c[:, None])
+            # in place on the recomputed fp32 logits chunk
+            dz = _chunk_logits(h_c, weight, bias, out=buffer[:stop - start])
+            dz.sub_(lse[start:stop, None]).exp_().mul_(-g_c[:, None])
             dz.scatter_add_(1, labels[start:stop, None], g_c[:, None])  # + g * onehot(y)
             if need_b:
                 grad_b += dz.sum(0)
-            dz_low = dz.to(weight.dtype)  # no copy for fp32 weights
+            dz_low = dz if low is None else low[:stop - start].copy_(dz)  # no copy for fp32 weights
             if need_w:
                 _accumulate_weight_grad(grad_w, dz, dz_low, h_c)
             del dz
             if need_h:
-                grad_h[start:stop] = dz_low @ weight
+                torch.mm(dz_low, weight, out=grad_h[start:stop])
             del dz_low
+        del buffer, low
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None

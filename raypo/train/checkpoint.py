@@ -5,6 +5,10 @@ Layout of one checkpoint directory (``{storage_path}/{run_name}/step_00000040/``
     ds/latest, ds/<tag>/zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt   every rank writes its shard
     hf/config.json, hf/tokenizer*                                              rank 0: what export needs
     hf/raypo_lora.json                                                         rank 0, LoRA runs: r, alpha
+    hf/raypo_model.json, hf/raypo_conditioning.json                            rank 0: the loss, beta,
+                                                                               reference and dimensions
+                                                                               (raypo eval); the lambda
+                                                                               conditioning rule
     raypo_state.json                                                           rank 0: step, data position,
                                                                                lambda-schedule state
     raypo_manifest_r<r>.json                                                   every rank, last: its files'
@@ -17,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +33,9 @@ HF_DIR = "hf"
 WRAPPER_PREFIX = "causal_lm."
 LORA_FILE = "raypo_lora.json"
 PEFT_PREFIX = "base_model.model."
+MODEL_CARD_FILE = "raypo_model.json"
+# Files of hf/ that an export carries next to the weights (raypo.data.conditioning.CONDITIONING_FILE too).
+MODEL_FILES = (MODEL_CARD_FILE, "raypo_conditioning.json")
 
 
 @dataclass
@@ -52,8 +60,12 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(engine, state: TrainState, *, rank: int, hf_config=None, tokenizer=None) -> str:
+def save_checkpoint(engine, state: TrainState, *, rank: int, hf_config=None, tokenizer=None,
+                    model_files: Optional[dict[str, dict[str, Any]]] = None) -> str:
     """Write this rank's part of a checkpoint into a fresh local directory and return it.
+
+    ``model_files``: small JSON files that travel with the model (``raypo_model.json``, the conditioning
+    rule), written next to its config and copied into every export.
 
     Every rank must call this (DeepSpeed's save is a collective). The directory is made with mkdtemp, not a
     context manager, because Ray may upload it after this function returns.
@@ -67,6 +79,9 @@ def save_checkpoint(engine, state: TrainState, *, rank: int, hf_config=None, tok
             hf_config.save_pretrained(os.path.join(local, HF_DIR))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(local, HF_DIR))
+        for name, content in (model_files or {}).items():
+            os.makedirs(os.path.join(local, HF_DIR), exist_ok=True)
+            Path(local, HF_DIR, name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
         lora = lora_settings(engine)
         if lora:
             os.makedirs(os.path.join(local, HF_DIR), exist_ok=True)
@@ -181,14 +196,15 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32") 
             raise RuntimeError(f"checkpoint and model disagree: missing {missing[:5]}, unexpected "
                                f"{unexpected[:5]}")
         model.tie_weights()
-        _write_export(model, AutoTokenizer.from_pretrained(hf_dir), out_dir)
+        files = [os.path.join(hf_dir, n) for n in MODEL_FILES if os.path.exists(os.path.join(hf_dir, n))]
+        _write_export(model, AutoTokenizer.from_pretrained(hf_dir), out_dir, files)
         return out_dir
     finally:
         if temporary:
             shutil.rmtree(local, ignore_errors=True)
 
 
-def _write_export(model, tokenizer, out_dir: str) -> None:
+def _write_export(model, tokenizer, out_dir: str, files: Sequence[str] = ()) -> None:
     """Save into a hidden sibling directory, then rename it to ``out_dir``: a full disk leaves no half
     export, and :class:`~raypo.storage.StorageWriteError` names the path."""
     from raypo.storage import temporary_sibling, write_failed
@@ -199,6 +215,8 @@ def _write_export(model, tokenizer, out_dir: str) -> None:
         os.makedirs(tmp)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for path in files:
+            shutil.copy(path, tmp)
         if os.path.exists(out_dir):
             old = temporary_sibling(out_dir)
             os.rename(out_dir, old)

@@ -65,6 +65,7 @@ class MetricsLog:
         from raypo.train.trackers import build_trackers
 
         self.cfg, self.max_steps, self.remote_path = cfg, cfg.train.max_steps, remote_path
+        run_dir = os.path.expanduser(run_dir)  # "~/raypo_runs/<run>" is this node's home (S3 storage)
         self.path = os.path.join(run_dir, METRICS_FILE)
         os.makedirs(run_dir, exist_ok=True)
         self._fetch_remote_copy()

@@ -101,6 +101,19 @@ def loss_labels(spec: LossSpec, extras: dict[str, torch.Tensor], rules: LabelRul
     return scalar_scores(extras, rules, lam)
 
 
+def _dispersion_c(cfg: RaypoConfig, spec: LossSpec) -> Optional[float]:
+    """``loss.dispersion_c`` as a number for a MallowsPO loss (None for others); ``auto`` must have been
+    resolved on the driver (:func:`raypo.train.dispersion.calibrated_config`, called by ``build_trainer``)."""
+    if not spec.needs_dispersion:
+        return None
+    value = cfg.loss.dispersion_c
+    if value == "auto":
+        raise ValueError("loss.dispersion_c=auto reached the training objective unresolved: the driver "
+                         "calibrates it (raypo.train.dispersion.calibrated_config, run by build_trainer); "
+                         "pass the calibrated config, or set loss.dispersion_c to a number")
+    return float(value)
+
+
 def sequence_logps(logps: torch.Tensor, num_tokens: torch.Tensor, reduction: str) -> torch.Tensor:
     """Summed log-probs, or divided by the response's token count (length-normalised)."""
     if reduction == "mean":
@@ -117,7 +130,8 @@ class Objective:
         hparams: the hyperparameters passed to the loss (``loss.params`` with ``loss.beta``).
         reduction: ``"sum"`` or ``"mean"`` (length-normalised) sequence log-probs, as the loss's source.
         uses_reference: the loss reads reference log-probs with these hyperparameters.
-        dispersion_c: MallowsPO's c in phi(x) = -c log Hbar(x).
+        dispersion_c: MallowsPO's c in phi(x) = -c log Hbar(x), the number the driver resolved
+            ``loss.dispersion_c`` to (raypo/train/dispersion.py); None for other losses.
         dim_names: the preference dimensions (per-dimension metrics), or None.
     """
 
@@ -125,7 +139,7 @@ class Objective:
     hparams: dict[str, Any]
     reduction: str
     uses_reference: bool
-    dispersion_c: float
+    dispersion_c: Optional[float]
     dim_names: Optional[list[str]]
     rules: LabelRules = LabelRules()
 
@@ -137,13 +151,16 @@ class Objective:
             hparams["beta"] = cfg.loss.beta
         if "missing_ratings" in spec.defaults:  # the loss applies the rule itself (lambda_dpo)
             hparams["missing_ratings"] = cfg.loss.missing_ratings
+        dispersion_c = _dispersion_c(cfg, spec)
+        if dispersion_c is not None:  # the loss takes each pair's phi from ref_entropy with this c
+            hparams["dispersion_c"] = dispersion_c
         spec.check_hparams(hparams)
         rules = LabelRules(missing_ratings=cfg.loss.missing_ratings, score_reduction=cfg.loss.score_reduction,
                            lipo_labels=cfg.loss.lipo_labels,
                            lipo_label_temperature=cfg.loss.lipo_label_temperature,
                            default_rating=float(hparams.get("default_rating", DEFAULT_RATING)))
         return cls(spec=spec, hparams=hparams, reduction=spec.logp_reduction_for(hparams),
-                   uses_reference=spec.uses_reference(hparams), dispersion_c=cfg.loss.dispersion_c,
+                   uses_reference=spec.uses_reference(hparams), dispersion_c=dispersion_c,
                    dim_names=dim_names, rules=rules)
 
     @property
@@ -175,15 +192,18 @@ class Objective:
              dispersion: Optional[torch.Tensor], lam: Optional[torch.Tensor],
              device: torch.device) -> LossOutput:
         """The loss on one micro-batch; ``policy_logps_raw`` are summed log-probs [B, N], ``ref_logps``
-        already reduced like the policy's (:func:`raypo.train.reference.reference_outputs`)."""
+        already reduced like the policy's (:func:`raypo.train.reference.reference_outputs`); ``dispersion``
+        (MallowsPO) the per-response entropies Hbar [B, N] of ``ReferenceOutputs.dispersion``, passed as the
+        loss's ``ref_entropy`` (it takes each pair's phi with ``dispersion_c``), or a given phi [B]."""
         mask = batch.response_mask().to(device)
         policy = sequence_logps(policy_logps_raw.float(), batch.num_scored_tokens().to(device),
                                 self.reduction)
         kwargs: dict[str, Any] = {}
         if self.spec.needs_lambda:
             kwargs["lam"] = lam
-        if self.spec.needs_dispersion:
-            kwargs["dispersion"] = dispersion
+        if self.spec.needs_dispersion:  # [B, N] Hbar per response (reference_outputs), or [B] phi given
+            kwargs["ref_entropy" if dispersion is not None and dispersion.dim() == 2 else "dispersion"] = \
+                dispersion
         return self.spec.fn(policy, ref_logps if self.uses_reference else None, mask=mask,
                             scores=self.labels(batch, device, lam), **kwargs, **self.hparams)
 

@@ -62,14 +62,14 @@ def data_dimensions(cfg: RaypoConfig) -> Optional[list[str]]:
     from raypo.data.formats import dimensions_for
     from raypo.data.io import read_dimensions
     from raypo.data.pipeline import convert_options
-    from raypo.data.synthetic import DIMENSIONS, is_synthetic_uri
+    from raypo.data.synthetic import is_synthetic_uri, synthetic_dimensions
 
     d = cfg.data
     if d.dimensions:
         return list(d.dimensions)
     path = d.train_path
     if isinstance(path, str) and is_synthetic_uri(path):
-        return list(DIMENSIONS)
+        return synthetic_dimensions(path)
     try:
         if d.format != "listwise":
             return dimensions_for(d.format, convert_options(d)) or None

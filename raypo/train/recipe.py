@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
@@ -40,13 +42,26 @@ from typing import Any, Optional
 import torch
 
 from raypo.config import RaypoConfig, config_from_dict
+from raypo.data.conditioning import CONDITIONING_FILE
 from raypo.losses.metrics import merge_metric_sums
 from raypo.model.batch import ListwiseBatch, collate_listwise
 from raypo.model.listwise import grouped_logprobs
 from raypo.model.response_chunks import listwise_backward
 from raypo.train import collectives
-from raypo.train.checkpoint import TrainState, checkpoint_dir_name, load_checkpoint, save_checkpoint
+from raypo.train.checkpoint import (
+    MODEL_CARD_FILE,
+    TrainState,
+    checkpoint_dir_name,
+    load_checkpoint,
+    save_checkpoint,
+)
 from raypo.train.collectives import MetricSums
+from raypo.train.conditioning import (
+    BatchConditioner,
+    conditioning_of,
+    evaluation_lambdas,
+    with_reference_columns,
+)
 from raypo.train.engines import Engines, build_engines, set_accumulation_boundary
 from raypo.train.lambda_schedules import LambdaSchedule, build_lambda_schedule
 from raypo.train.metrics import batch_metric_sums, finalize, scalar, window_metrics
@@ -66,6 +81,74 @@ def iter_micro_batches(shard, batch_size: int, skip: int = 0) -> Iterator[Listwi
         yield collate_listwise(rows)
 
 
+class EpochReader:
+    """One epoch's micro-batches (:func:`iter_micro_batches`), read ahead by a background thread.
+
+    The thread opens the shard's iterator as soon as the reader is made and keeps up to ``depth`` collated
+    micro-batches in a FIFO queue, so the consumer gets exactly the sequential order (one producer), the
+    same ``skip`` (resume drops the same first micro-batches) and the same rows. Why: Ray Data starts each
+    epoch's streaming-split iterator on its first read, about 2 s on CPU; a reader made for epoch e + 1
+    while epoch e trains has it started, and its first micro-batches read, when the loop gets there.
+
+    The thread makes no torch.distributed call (only Ray Data reads and collation), so every rank's
+    collectives stay in the main thread, in the same order as without it. A producer error is raised in
+    the consumer at the position it occurred. :meth:`close` stops the thread (also when the run ends inside
+    the epoch and the reader was never consumed to the end).
+    """
+
+    _DONE = object()
+
+    def __init__(self, shard, batch_size: int, *, skip: int = 0, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._produce, args=(shard, batch_size, skip),
+                                        name="raypo-epoch-reader", daemon=True)
+        self._thread.start()
+
+    def _produce(self, shard, batch_size: int, skip: int) -> None:
+        batches = iter_micro_batches(shard, batch_size, skip=skip)
+        try:
+            for batch in batches:
+                if not self._put(batch):
+                    return
+            self._put(self._DONE)
+        except BaseException as err:  # handed to the consumer, raised where the batch would have been
+            self._put(err)
+        finally:
+            batches.close()  # releases Ray Data's iterator when stopped early
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> EpochReader:
+        return self
+
+    def __next__(self) -> ListwiseBatch:
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._DONE:
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        return item
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread; what it read ahead is dropped. Idempotent."""
+        self._finished = True
+        self._stop.set()
+        self._thread.join(timeout)
+
+
 class ListwiseRecipe:
     """A worker's training state and loop: config, objective, engines, lambda schedule and position.
 
@@ -78,12 +161,16 @@ class ListwiseRecipe:
         self.cfg, self.objective, self.engines, self.schedule = cfg, objective, engines, schedule
         self.device, self.rank, self.world_size = device, rank, world_size
         self.state = TrainState()
-        # Policy log-probs one group per forward when the reference was scored that way (precomputed), so
-        # that policy and reference values of a group come from identical computations (exact 0 at step 0).
-        self.per_group = cfg.train.reference == "precomputed"
+        # Policy log-probs one group per forward when the reference was scored that way (precomputed,
+        # train.reference_batching=per_group), so that policy and reference values of a group come from
+        # identical computations (exact 0 at step 0); batched: one forward per micro-batch, as online.
+        self.per_group = cfg.train.reference == "precomputed" and cfg.train.reference_batching == "per_group"
         self.train_shards: Any = None  # epoch -> Ray Data shard, set by setup()
         self.eval_shard: Any = None
         self.metrics_log: Any = None  # rank 0's raypo.train.metrics_log.MetricsLog, set by setup()
+        # lambdas.condition=prompt: renders each prompt with its lambda (raypo.train.conditioning)
+        self.conditioner: Optional[BatchConditioner] = None
+        self.reference_source: Optional[str] = None  # the reference model's source, for raypo_model.json
         self.report_metric: Optional[str] = None  # a Tune trial's metric: every row carrying it goes to Ray
         self.checkpoint_base: Optional[str] = None  # <storage>/<run name>, for the progress line
         self._last_ray_report = time.perf_counter()
@@ -124,6 +211,10 @@ class ListwiseRecipe:
                                              num_dims=len(dims) if dims else None)
         recipe = cls(cfg, objective, engines, schedule=schedule, device=device, rank=rank,
                      world_size=world_size)
+        recipe.reference_source = loop_config.get("ref_path")
+        conditioning = conditioning_of(cfg, dims)
+        if conditioning is not None:
+            recipe.conditioner = BatchConditioner(conditioning, engines.tokenizer)
         recipe.train_shards = lambda epoch: ray.train.get_dataset_shard(train_key(epoch))
         if loop_config.get("has_eval"):
             recipe.eval_shard = ray.train.get_dataset_shard(EVAL_KEY)
@@ -147,12 +238,19 @@ class ListwiseRecipe:
         # Lambdas are drawn per read micro-batch, in read order, packed or not: same draws, same state.
         lams = [self.schedule.sample(b.num_groups, device=self.device) if self.objective.needs_lambda
                 else None for b in micro]
+        if self.conditioner is not None:  # the policy sees (x, lambda); the reference the plain x
+            micro = [self.conditioner(self.plain_reference(b), lam) for b, lam in zip(micro, lams)]
         if not self.cfg.train.token_budget:
             return [StepForward(b, lam) for b, lam in zip(micro, lams)], {}
         forwards, plan = pack_step(micro, lams, self.cfg.train.token_budget, rank=self.rank,
                                    world_size=self.world_size, prefix_sharing=self.cfg.model.prefix_sharing,
                                    per_group=self.per_group, device=self.device)
         return forwards, {"perf/plan_sync_efficiency": scalar(plan.sync_efficiency)}
+
+    def plain_reference(self, batch: ListwiseBatch) -> ListwiseBatch:
+        """``batch`` carrying the online reference's values on its plain prompts (conditioning only)."""
+        return with_reference_columns(self.objective, self.engines.reference, batch,
+                                      prefix_sharing=self.cfg.model.prefix_sharing, per_group=self.per_group)
 
     def train_step(self, micro: list[ListwiseBatch]) -> MetricSums:
         """One optimizer step over ``micro`` (the k micro-batches this rank read); local metric sums."""
@@ -222,13 +320,27 @@ class ListwiseRecipe:
     def evaluate(self) -> dict[str, float]:
         """Loss and ranking metrics on this rank's share of the eval split, reduced across ranks.
 
+        Evaluation weighs every dimension equally (the uniform lambda, metrics ``eval/...``), not a sampled
+        lambda. A lambda-conditioned policy is evaluated at the uniform lambda and at each one-hot e_k too
+        (``eval_at_<dimension>/...``): the steering matrix of docs/steering.md.
+        """
+        batches = self._eval_batches()
+        if self.conditioner is None:
+            return self.evaluate_at(batches, None, "eval/")
+        metrics: dict[str, float] = {}
+        for prefix, lam in evaluation_lambdas(list(self.conditioner.conditioning.dimensions)):
+            metrics.update(self.evaluate_at(batches, lam.to(self.device), prefix))
+        return metrics
+
+    def evaluate_at(self, batches: list[ListwiseBatch], lam: Optional[torch.Tensor], prefix: str
+                    ) -> dict[str, float]:
+        """:meth:`evaluate` at one lambda (None: uniform), metric names under ``prefix``.
+
         Ranks may hold different numbers of eval batches; a rank that has run out repeats its last batch
-        with zero weight so that every rank makes the same forward calls (ZeRO-3 collectives). Evaluation
-        weighs every dimension equally (the uniform mixture), not a sampled lambda.
+        with zero weight so that every rank makes the same forward calls (ZeRO-3 collectives).
         """
         engine, prefix_sharing = self.engines.policy, self.cfg.model.prefix_sharing
         engine.eval()
-        batches = self._eval_batches()
         total = collectives.agreed_max(len(batches), self.device)
         if total and not batches:
             raise RuntimeError(f"rank {self.rank} has no eval rows at all; lower train.eval_batches or use a "
@@ -239,19 +351,33 @@ class ListwiseRecipe:
                 batch = batches[min(i, len(batches) - 1)]
                 ref = reference_outputs(self.objective, self.engines.reference, batch, prefix_sharing,
                                         self.device)
-                out_lp = grouped_logprobs(engine, batch, prefix_sharing=prefix_sharing,
+                at = lam
+                if at is None and self.objective.needs_lambda:
+                    m = batch.extras["scores"].shape[-1]
+                    at = torch.full((m,), 1.0 / m, device=self.device)
+                # The reference scored the plain prompts above; the policy sees them with lambda.
+                seen = self.conditioner(batch, at) if self.conditioner is not None else batch
+                missing = self._missing_group_forwards(seen)  # a collective: before any forward
+                out_lp = grouped_logprobs(engine, seen, prefix_sharing=prefix_sharing,
                                           per_group=self.per_group)
+                for _ in range(missing):  # discarded, so every rank runs the same per-group forwards
+                    grouped_logprobs(engine, seen.select_groups(0, 1), prefix_sharing=prefix_sharing)
                 if i >= len(batches):
                     continue
-                lam = None
-                if self.objective.needs_lambda:
-                    m = batch.extras["scores"].shape[-1]
-                    lam = torch.full((m,), 1.0 / m, device=self.device)
-                out = self.objective.loss(batch, out_lp.logps, ref.logps, ref.dispersion, lam, self.device)
-                sums = merge_metric_sums(sums, batch_metric_sums(self.objective, batch, out, out_lp.logps,
-                                                                 ref, "eval/", self.device, lam))
+                out = self.objective.loss(seen, out_lp.logps, ref.logps, ref.dispersion, at, self.device)
+                sums = merge_metric_sums(sums, batch_metric_sums(self.objective, seen, out, out_lp.logps,
+                                                                 ref, prefix, self.device, at))
         engine.train()
-        return finalize(collectives.all_reduce_metric_sums(sums, self.device), "eval/")
+        return finalize(collectives.all_reduce_metric_sums(sums, self.device), prefix)
+
+    def _missing_group_forwards(self, batch: ListwiseBatch) -> int:
+        """Per group (``self.per_group``), the forwards this rank runs short of the rank whose eval batch
+        holds the most groups (ranks keep different eval rows, so their batches hold different group
+        counts; ZeRO-3 needs the same forward calls on every rank); 0 when batched. Agreed by a collective,
+        so call it where every rank does, outside any forward."""
+        if not self.per_group:
+            return 0
+        return collectives.agreed_max(batch.num_groups, self.device) - batch.num_groups
 
     # ------------------------------------------------------------------------------------------------
     # State: checkpoints and resume
@@ -266,6 +392,20 @@ class ListwiseRecipe:
         self.state = state
         if state.lambda_state and self.schedule is not None:
             self.schedule.load_state_dict(state.lambda_state)
+
+    def model_files(self) -> dict[str, dict[str, Any]]:
+        """What travels with the weights (raypo.train.checkpoint.MODEL_FILES): the record ``raypo eval``
+        scores with, and the lambda-conditioning rule of a conditioned policy."""
+        card = {"format": 1, "loss": self.objective.spec.name,
+                "beta": float(self.objective.hparams.get("beta") or self.objective.spec.defaults.get("beta")
+                              or 1.0),
+                "logp_reduction": self.objective.reduction, "reference": self.reference_source,
+                "uses_reference": self.objective.uses_reference, "dimensions": self.objective.dim_names,
+                "conditioning": self.cfg.lambdas.condition}
+        files = {MODEL_CARD_FILE: card}
+        if self.conditioner is not None:
+            files[CONDITIONING_FILE] = self.conditioner.conditioning.to_dict()
+        return files
 
     def restore(self) -> bool:
         """Resume from Ray Train's latest checkpoint, if any (a worker failure or a driver restart); whether
@@ -294,7 +434,8 @@ class ListwiseRecipe:
             return
         self.state_dict()
         local = save_checkpoint(self.engines.policy, self.state, rank=self.rank,
-                                hf_config=self.engines.hf_config, tokenizer=self.engines.tokenizer)
+                                hf_config=self.engines.hf_config, tokenizer=self.engines.tokenizer,
+                                model_files=self.model_files())
         try:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local),
                              checkpoint_dir_name=checkpoint_dir_name(self.state.global_step))
@@ -305,22 +446,46 @@ class ListwiseRecipe:
     # The loop
     # ------------------------------------------------------------------------------------------------
 
-    def steps(self) -> Iterator[list[ListwiseBatch]]:
+    def epoch_reader(self, epoch: int, skip: int = 0) -> EpochReader:
+        """A started :class:`EpochReader` of ``epoch``'s shard, reading up to two steps ahead."""
+        t = self.cfg.train
+        return EpochReader(self.train_shards(epoch), t.micro_batch_size, skip=skip,
+                           depth=2 * t.grad_accum_steps)
+
+    def steps(self, reader: Optional[EpochReader] = None) -> Iterator[list[ListwiseBatch]]:
         """This rank's micro-batches, k per optimizer step, epoch after epoch, from the state's position;
-        stops everywhere at once when any rank runs out (ranks must agree on the step count)."""
+        stops everywhere at once when any rank runs out (ranks must agree on the step count).
+
+        ``reader``: the state's epoch already opened at the state's position (:meth:`train` opens it before
+        the step-0 evaluation). Once an epoch has yielded its first step, the next epoch's reader is opened,
+        so Ray Data starts that epoch's iterator while this one trains; the order is that of reading the
+        epochs one after the other (tests/train/test_loop_perf.py).
+        """
         t, state = self.cfg.train, self.state
-        while state.global_step < t.max_steps and state.epoch < t.epochs:
-            batches = iter_micro_batches(self.train_shards(state.epoch), t.micro_batch_size,
-                                         skip=state.batches_in_epoch)
-            while state.global_step < t.max_steps:
-                micro = [b for _, b in zip(range(t.grad_accum_steps), batches)]
-                if collectives.agreed_min(len(micro), self.device) < t.grad_accum_steps:
-                    break
-                yield micro
-            if state.global_step >= t.max_steps:
-                return
-            state.epoch += 1
-            state.batches_in_epoch = 0
+        following: Optional[EpochReader] = None
+        if reader is None and state.global_step < t.max_steps and state.epoch < t.epochs:
+            reader = self.epoch_reader(state.epoch, skip=state.batches_in_epoch)
+        try:
+            while reader is not None and state.global_step < t.max_steps and state.epoch < t.epochs:
+                while state.global_step < t.max_steps:
+                    micro = [b for _, b in zip(range(t.grad_accum_steps), reader)]
+                    if collectives.agreed_min(len(micro), self.device) < t.grad_accum_steps:
+                        break
+                    if following is None and state.epoch + 1 < t.epochs:
+                        following = self.epoch_reader(state.epoch + 1)
+                    yield micro
+                reader.close()
+                if state.global_step >= t.max_steps:
+                    return
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                reader, following = following, None
+                if reader is None and state.epoch < t.epochs:  # the epoch had no full step
+                    reader = self.epoch_reader(state.epoch)
+        finally:
+            for r in (reader, following):
+                if r is not None:
+                    r.close()
 
     def log_eval_checkpoint(self, window: MetricSums, clock: LoopWindow, *, evaluate: bool,
                             checkpoint: bool, last: bool = False) -> LoopWindow:
@@ -376,34 +541,42 @@ class ListwiseRecipe:
     def train(self) -> None:
         t, state = self.cfg.train, self.state
         log_every, ckpt_every = self.cfg.logging.log_every, self.cfg.checkpoint.every_steps
-        if self.eval_shard is not None and state.global_step == 0:
-            # the baseline: every implicit reward is 0
-            self.emit(self.evaluate(), checkpoint=False, force=True)
+        # opened first, so Ray Data starts the epoch's iterator while the baseline evaluation runs
+        reader = self.epoch_reader(state.epoch, skip=state.batches_in_epoch) \
+            if state.global_step < t.max_steps and state.epoch < t.epochs else None
+        steps = self.steps(reader)
         last_checkpoint = state.global_step if state.global_step > 0 else -1
         window: MetricSums = {}
-        clock = LoopWindow()
-        steps = self.steps()
-        while True:
-            waited = time.perf_counter()
-            micro = next(steps, None)
-            if micro is None:
-                break
-            started = time.perf_counter()
-            sums = self.train_step(micro)
-            clock.add_step(started - waited, time.perf_counter() - started)
-            window = merge_metric_sums(window, sums)
-            state.global_step += 1
-            state.batches_in_epoch += t.grad_accum_steps
-            state.tokens_seen += int(sum(b.token_stats()["shared_tokens"] for b in micro))
-            _maybe_inject_failure(state.global_step, self.rank)
-            last = state.global_step >= t.max_steps
-            do_eval = bool(t.eval_every and state.global_step % t.eval_every == 0) or last
-            do_ckpt = bool(ckpt_every and state.global_step % ckpt_every == 0) or last
-            if state.global_step % log_every == 0 or do_eval or do_ckpt or state.global_step == 1:
-                clock = self.log_eval_checkpoint(window, clock, evaluate=do_eval, checkpoint=do_ckpt,
-                                                 last=last)
-                window = {}
-                last_checkpoint = state.global_step if do_ckpt else last_checkpoint
+        try:
+            if self.eval_shard is not None and state.global_step == 0:
+                # the baseline: every implicit reward is 0
+                self.emit(self.evaluate(), checkpoint=False, force=True)
+            clock = LoopWindow()
+            while True:
+                waited = time.perf_counter()
+                micro = next(steps, None)
+                if micro is None:
+                    break
+                started = time.perf_counter()
+                sums = self.train_step(micro)
+                clock.add_step(started - waited, time.perf_counter() - started)
+                window = merge_metric_sums(window, sums)
+                state.global_step += 1
+                state.batches_in_epoch += t.grad_accum_steps
+                state.tokens_seen += int(sum(b.token_stats()["shared_tokens"] for b in micro))
+                _maybe_inject_failure(state.global_step, self.rank)
+                last = state.global_step >= t.max_steps
+                do_eval = bool(t.eval_every and state.global_step % t.eval_every == 0) or last
+                do_ckpt = bool(ckpt_every and state.global_step % ckpt_every == 0) or last
+                if state.global_step % log_every == 0 or do_eval or do_ckpt or state.global_step == 1:
+                    clock = self.log_eval_checkpoint(window, clock, evaluate=do_eval, checkpoint=do_ckpt,
+                                                     last=last)
+                    window = {}
+                    last_checkpoint = state.global_step if do_ckpt else last_checkpoint
+        finally:  # the readers' threads stop with the loop, also on an error
+            steps.close()
+            if reader is not None:
+                reader.close()
         if state.global_step < t.max_steps:
             if self.rank == 0:
                 print(f"raypo: the data ran out after {state.global_step} of {t.max_steps} steps "

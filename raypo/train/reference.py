@@ -14,9 +14,10 @@ Exactness: in a batched forward a log-prob depends, in its last bits, on the oth
 (``grouped_logprobs(per_group=True)``), and a run with ``train.reference: precomputed`` computes its policy
 log-probs the same way, so the implicit rewards are exactly zero at step 0 in both reference modes.
 
-``per_group=False`` (:class:`ReferenceScorer`) batches the stage instead: one forward per batch of rows
-rather than one per group; values equal the per-group ones to float rounding (float64: 1e-12; float32:
-1e-6, tests/train/test_reference_batched.py), so step-0 rewards are then zero only to that rounding.
+``train.reference_batching: batched`` (``per_group=False`` in :class:`ReferenceScorer`) batches the stage
+instead: one forward per batch of rows rather than one per group, and the policy one forward per
+micro-batch; values equal the per-group ones to float rounding (float64: 1e-12; float32: 1e-6,
+tests/train/test_reference_batched.py), so step-0 rewards are then zero only to that rounding.
 
 During training, :func:`reference_outputs` gives a micro-batch's reference values: from these columns when
 the data carries them, else from the online reference engine, through the same function.
@@ -31,7 +32,6 @@ import pyarrow as pa
 import torch
 
 from raypo.config import RaypoConfig
-from raypo.losses.mallows import neg_log_dispersion
 from raypo.model.batch import ListwiseBatch
 from raypo.model.listwise import grouped_logprobs
 from raypo.train.engines import s3_options, worker_dtype
@@ -103,6 +103,7 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
             ReferenceScorer,
             fn_constructor_args=(ref_path, worker_dtype(cfg), cfg.model.attention, cfg.model.prefix_sharing,
                                  with_entropy, s3_options(cfg)),
+            fn_constructor_kwargs={"per_group": cfg.train.reference_batching == "per_group"},
             batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
             num_gpus=1 if use_gpu else 0, num_cpus=1,
         ).materialize()
@@ -114,7 +115,9 @@ def add_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, *, batch_size: i
 class ReferenceOutputs:
     logps: torch.Tensor  # [B, N] reduced as the loss wants (sum or mean over tokens)
     raw_logps: torch.Tensor  # [B, N] summed log-probs
-    dispersion: Optional[torch.Tensor]  # [B] for MallowsPO
+    # MallowsPO: each response's normalised reference entropy Hbar(y) [B, N] (float64; NaN = missing), from
+    # which the loss takes its pair's dispersion phi(x) = -c log((Hbar_w + Hbar_l) / 2)
+    dispersion: Optional[torch.Tensor]
 
 
 def _precomputed(batch: ListwiseBatch, key: str) -> Optional[torch.Tensor]:
@@ -128,7 +131,10 @@ def _precomputed(batch: ListwiseBatch, key: str) -> Optional[torch.Tensor]:
 def reference_outputs(objective: Objective, reference: Any, batch: ListwiseBatch, prefix_sharing: bool,
                       device: torch.device) -> ReferenceOutputs:
     """Reference log-probs of a micro-batch from the data (precomputed) or from the ``reference`` engine
-    (online; None when there is none), and MallowsPO's dispersion phi(x) = -c log Hbar(x)."""
+    (online; None when there is none), and MallowsPO's per-response entropies Hbar(y) (the loss takes each
+    pair's dispersion from them, docs/losses.md "MallowsPO dispersion"). Precomputed entropies with gaps
+    (NaN) are passed on as they are when no online reference can fill them: the loss's missing_entropy rule
+    then decides (an error by default, never a silent phi = 0)."""
     num_tokens = batch.num_scored_tokens().to(device)
     needs_entropy = objective.spec.needs_dispersion
     pre_logps, pre_entropy = _precomputed(batch, "ref_logps"), _precomputed(batch, "ref_entropy")
@@ -143,13 +149,14 @@ def reference_outputs(objective: Objective, reference: Any, batch: ListwiseBatch
     elif not objective.uses_reference and not needs_entropy:
         zeros = torch.zeros(batch.num_groups, batch.num_responses, device=device)
         return ReferenceOutputs(zeros, zeros, None)
+    elif pre_logps is not None:  # entropies with gaps and no reference to fill them: NaN = missing
+        raw = torch.nan_to_num(pre_logps.to(device=device, dtype=torch.float32))
+        entropy = batch.extras.get("ref_entropy")
+        if entropy is None:
+            entropy = torch.full((batch.num_groups, batch.num_responses), float("nan"))
     else:
         raise RuntimeError("train.reference=precomputed but the batch has no ref_logps (or ref_entropy) "
                            "values; precompute them (raypo does so when train.reference=precomputed) or "
                            "set train.reference=online")
-    dispersion = None
-    if needs_entropy:
-        mask = batch.response_mask().to(device)
-        hbar = torch.nan_to_num(entropy.to(device).double(), nan=1.0).clamp(min=1e-12)
-        dispersion = neg_log_dispersion(hbar, mask, c=objective.dispersion_c).float()
+    dispersion = entropy.to(device=device, dtype=torch.float64) if needs_entropy else None
     return ReferenceOutputs(sequence_logps(raw, num_tokens, objective.reduction), raw, dispersion)

@@ -24,6 +24,9 @@ manifest holds exactly the same components (so a hash collision or a format chan
 * ``with_entropy``: MallowsPO's reference entropies are needed (an entry without them cannot serve).
 * ``dtype``, ``attention``, ``prefix_sharing``, ``batch_size``: how the stage computes; they change the
   values in their last bits (bf16 vs fp32 much more), so they are part of the key too.
+* ``batching``: ``train.reference_batching``; ``batched`` entries (one forward per batch of rows) differ in
+  their last bits from ``per_group`` ones. Left out of the components when ``per_group``, so entries
+  written before the setting existed (all per group) keep their key.
 * ``format``: :data:`CACHE_FORMAT`, bumped when the layout below or the way values are computed changes
   (format 2: one forward per group, :func:`raypo.train.reference.add_reference_logprobs`; entries of format
   1 were scored in batches of groups and differ in their last bits).
@@ -33,6 +36,10 @@ directory) is written last, after ``<cache_dir>/<key>/<uuid>/part-00000.parquet`
 the 16-byte row digest, ``ref_logps`` and, with entropies, ``ref_entropy``). A reader trusts only a
 directory whose manifest matches; concurrent writers (two Tune trials missing at once) write different
 uuid directories and either manifest is valid.
+
+Records. ``<cache_dir>/<key>/dispersion/<digest>.json`` holds MallowsPO's dispersion scale c calibrated
+from the entry's entropies by the last run that read them (:func:`write_entry_record`,
+raypo/train/dispersion.py); a record for the user, never read to serve the entry.
 
 Read. The cached columns are joined back onto ``ds`` by row digest (a ``map_batches`` with the lookup
 table as an actor's constructor argument, so it is shipped once): the returned dataset is ``ds`` itself
@@ -49,6 +56,7 @@ import logging
 import os
 import struct
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -66,6 +74,8 @@ KEY_COLUMN = "_ref_key"
 _REF_COLUMNS = ("ref_logps", "ref_entropy")
 _SKIP_MODEL_FILES = (".md", ".txt", ".png", ".jpg", ".gitattributes")
 _HASH_MEMO: dict[tuple, str] = {}
+# dataset returned by cached_reference_logprobs -> the entry directory it was filled from
+_ENTRY_OF: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,9 +193,13 @@ class CacheKey:
     prefix_sharing: bool
     batch_size: int
     format: int = CACHE_FORMAT
+    batching: str = "per_group"
 
     def components(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["batching"] == "per_group":  # the values before the setting existed: the same key as then
+            del out["batching"]
+        return out
 
     @property
     def digest(self) -> str:
@@ -210,16 +224,17 @@ def stage_settings(cfg: RaypoConfig, with_entropy: bool | None = None) -> dict[s
     # the resolved backend, so a cache made under an older meaning of ``auto`` is not reused
     attention = hf_attn_implementation(cfg.model.attention, prefix_sharing=cfg.model.prefix_sharing)
     return {"with_entropy": bool(with_entropy), "dtype": worker_dtype(cfg), "attention": attention,
-            "prefix_sharing": bool(cfg.model.prefix_sharing)}
+            "prefix_sharing": bool(cfg.model.prefix_sharing), "batching": cfg.train.reference_batching}
 
 
 def reference_cache_key(digests: Iterable[bytes], ref_path: str, *, with_entropy: bool, dtype: str,
-                        attention: str, prefix_sharing: bool, batch_size: int) -> CacheKey:
+                        attention: str, prefix_sharing: bool, batch_size: int,
+                        batching: str = "per_group") -> CacheKey:
     """The :class:`CacheKey` of a dataset (its row digests) under a reference model and stage settings."""
     rows, count = rows_fingerprint(digests)
     return CacheKey(model=_model_digest(model_fingerprint(ref_path)), rows=rows, num_rows=count,
                     with_entropy=bool(with_entropy), dtype=str(dtype), attention=str(attention),
-                    prefix_sharing=bool(prefix_sharing), batch_size=int(batch_size))
+                    prefix_sharing=bool(prefix_sharing), batch_size=int(batch_size), batching=str(batching))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,7 +361,8 @@ def cached_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, cache_dir: st
             resolves it on its own node, :func:`raypo.train.trainer.model_sources`), or a Hugging Face id in
             the local cache.
         cache_dir: local directory or ``s3://bucket/prefix``; entries live in ``<cache_dir>/<key>/``.
-        batch_size: groups per scoring batch (each group is still scored in a forward of its own).
+        batch_size: groups per scoring batch (each group is still scored in a forward of its own, unless
+            ``train.reference_batching: batched``).
         with_entropy: also provide ``ref_entropy`` (None: when ``cfg.loss`` needs a dispersion; a sweep over
             several losses asks for it when any of them does).
 
@@ -370,5 +386,29 @@ def cached_reference_logprobs(ds, cfg: RaypoConfig, ref_path: str, cache_dir: st
         _write_entry(entry, key, table, s3_cfg)
     import ray.data
 
-    return keyed.map_batches(FillFromCache, fn_constructor_args=(table,), batch_format="pyarrow",
-                             compute=ray.data.ActorPoolStrategy(size=1)).materialize()
+    filled = keyed.map_batches(FillFromCache, fn_constructor_args=(table,), batch_format="pyarrow",
+                               compute=ray.data.ActorPoolStrategy(size=1)).materialize()
+    try:
+        _ENTRY_OF[filled] = _join(cache_dir, key.digest)
+    except TypeError:  # not weak-referenceable: the entry is then just not known
+        pass
+    return filled
+
+
+def cache_entry_of(ds) -> Optional[str]:
+    """The cache entry directory a dataset returned by :func:`cached_reference_logprobs` was filled from
+    (None for any other dataset)."""
+    try:
+        return _ENTRY_OF.get(ds)
+    except TypeError:
+        return None
+
+
+def write_entry_record(entry: str, name: str, payload: Mapping[str, Any], s3_cfg: Any = None) -> None:
+    """Writes ``<entry>/<name>`` (JSON) beside an entry's data: a note about the entry (MallowsPO's c
+    calibrated from its entropies, raypo/train/dispersion.py), never read to serve the entry, and not part
+    of its key or manifest."""
+    from raypo.storage import atomic_output
+
+    with atomic_output(_join(entry, name), "w", s3_cfg, encoding="utf-8") as f:
+        json.dump(dict(payload), f, indent=1, sort_keys=True, default=str)

@@ -30,6 +30,7 @@ class PreparedDatasets:
     eval: Any
     dimensions: list[str]
     data_report: Optional[dict[str, Any]] = None  # ValidationReport.to_dict(), kept with the run
+    dispersion: Optional[Any] = None  # MallowsPO's c for this data (raypo.train.dispersion), or None
 
 
 @dataclass
@@ -73,6 +74,17 @@ def local_run_directory(cfg: RaypoConfig) -> str:
     remote = storage_fs is not None or "://" in storage_path
     base = os.path.expanduser("~/raypo_runs") if remote else storage_path
     return os.path.join(base, run_name(cfg))
+
+
+def worker_run_directory(cfg: RaypoConfig) -> str:
+    """The run's local directory as rank 0 is told it: with checkpoints on S3 it is unexpanded
+    (``~/raypo_runs/<run_name>``), so the node rank 0 runs on puts it in its own home, not at the driver's
+    home path, which on a cluster exists only on the driver's machine (docs/cluster.md); with local
+    storage it is the run directory itself, which every node must share anyway."""
+    storage_path, storage_fs = storage_location(cfg)
+    if storage_fs is not None or "://" in storage_path:
+        return f"~/raypo_runs/{run_name(cfg)}"
+    return local_run_directory(cfg)
 
 
 def resolve_model_paths(cfg: RaypoConfig) -> tuple[str, str]:
@@ -189,7 +201,11 @@ def prepare_datasets(cfg: RaypoConfig, *, reference_cache: Optional[str] = None,
 
         train_ds, eval_ds = (add_reference_logprobs(ds, cfg, ref_path, with_entropy=with_entropy)
                              for ds in (train_ds, eval_ds))
-    return PreparedDatasets(train_ds, eval_ds, list(report.dimensions or []), report.to_dict())
+    from raypo.train.dispersion import resolve_dispersion  # MallowsPO's c from the reference entropies
+
+    dispersion = resolve_dispersion(cfg, train_ds, ref_path,
+                                    scored=bool(cache) or cfg.train.reference == "precomputed")
+    return PreparedDatasets(train_ds, eval_ds, list(report.dimensions or []), report.to_dict(), dispersion)
 
 
 def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
@@ -224,6 +240,9 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     storage_path, storage_fs = storage_location(cfg)
     name = run_name(cfg)
     local_run_dir = local_run_directory(cfg)
+    from raypo.train.dispersion import calibrated_config  # loss.dispersion_c=auto -> the run's number
+
+    cfg = calibrated_config(cfg, precomputed_datasets.dispersion, train_ds, ref_path, local_run_dir)
     write_run_files(local_run_dir, cfg, precomputed_datasets.data_report)
     all_callbacks = [ProgressCallback(), *(callbacks or [])]
 
@@ -239,7 +258,7 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     base = f"{cfg.checkpoint.storage_path.rstrip('/')}/{name}"
     loop_config = {"config": to_dict(cfg), "policy_path": policy_path, "ref_path": ref_path,
                    "has_eval": has_eval, "dimensions": dimensions, "report_metric": report_metric,
-                   "run_dir": local_run_dir, "run_name": name, "checkpoint_base": base,
+                   "run_dir": worker_run_directory(cfg), "run_name": name, "checkpoint_base": base,
                    # with checkpoints on S3 the history is also kept beside them (metrics_log)
                    "remote_metrics_path": f"{base}/metrics.jsonl" if "://" in base else None}
     return TorchTrainer(
@@ -277,6 +296,10 @@ def write_run_summary(cfg: RaypoConfig, result: TrainResult, wall_s: float) -> N
                "export_dir": result.export_dir, "wall_s": wall_s,
                "metrics": {k: v for k, v in (result.metrics or {}).items()
                            if isinstance(v, (int, float, str))}}
+    from raypo.train.dispersion import read_record
+
+    if (dispersion := read_record(local_run_directory(cfg))) is not None:  # MallowsPO's calibrated c
+        summary["dispersion"] = dispersion
     with open(f"{path}.tmp", "w") as f:
         json.dump(summary, f, indent=1, default=str)
     os.replace(f"{path}.tmp", path)
@@ -345,14 +368,46 @@ def _completed_run(cfg: RaypoConfig, checkpoint: str, step: int) -> TrainResult:
 
 
 def _export(cfg: RaypoConfig, checkpoint: str) -> Optional[str]:
-    """Export ``checkpoint`` (local or s3://) to ``checkpoint.export_path``; None when no export is asked."""
+    """Export ``checkpoint`` (local or s3://) to ``checkpoint.export_path`` (local or s3://); None when no
+    export is asked."""
     if not cfg.checkpoint.export_path:
         return None
     from raypo.train.checkpoint import export_checkpoint
 
-    export_dir = str(Path(os.path.expanduser(cfg.checkpoint.export_path)).resolve())
+    target = cfg.checkpoint.export_path
+    if "://" in target:
+        return _export_to_remote(checkpoint, target, cfg)
+    export_dir = str(Path(os.path.expanduser(target)).resolve())
     export_checkpoint(checkpoint, export_dir)
     return export_dir
+
+
+def _export_to_remote(checkpoint: str, uri: str, cfg: RaypoConfig) -> str:
+    """Export into a local temporary directory, then upload its files to ``uri`` (``s3://``): Hugging
+    Face's ``save_pretrained`` writes local files only, and on a cluster the driver's disk is not where the
+    model is wanted. Files of an earlier export that the new one does not have are removed afterwards."""
+    import shutil
+    import tempfile
+
+    from raypo.storage import fsspec_for
+    from raypo.train.checkpoint import export_checkpoint
+
+    local = tempfile.mkdtemp(prefix="raypo_export_")
+    try:
+        export_checkpoint(checkpoint, os.path.join(local, "export"))
+        fs = fsspec_for(uri, cfg.data.s3)
+        base = uri.rstrip("/")
+        names = sorted(os.path.relpath(os.path.join(d, f), os.path.join(local, "export"))
+                       for d, _, files in os.walk(os.path.join(local, "export")) for f in files)
+        for name in names:
+            fs.put_file(os.path.join(local, "export", name), f"{base}/{name}")
+        stale = [k for k in (fs.find(base) if fs.exists(base) else [])
+                 if os.path.relpath(k, base.split("://", 1)[-1]) not in names]
+        if stale:
+            fs.rm(stale)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return base
 
 
 def run_training(cfg: RaypoConfig) -> TrainResult:

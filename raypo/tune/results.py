@@ -265,9 +265,9 @@ def _dimension_names(cfg: RaypoConfig) -> list[str]:
     """``data.dimensions``, else the synthetic data's, else none (lambda axes are then only numbered)."""
     if cfg.data.dimensions:
         return list(cfg.data.dimensions)
-    from raypo.data.synthetic import DIMENSIONS, is_synthetic_uri
+    from raypo.data.synthetic import is_synthetic_uri, synthetic_dimensions
 
-    return list(DIMENSIONS) if is_synthetic_uri(cfg.data.train_path) else []
+    return synthetic_dimensions(cfg.data.train_path) if is_synthetic_uri(cfg.data.train_path) else []
 
 
 def _png(fig) -> bytes:

@@ -47,10 +47,10 @@ def _simplex_num_dims(opts: Mapping[str, Any], cfg: RaypoConfig) -> Optional[int
         return int(opts["dims"])
     if cfg.data.dimensions:
         return len(cfg.data.dimensions)
-    from raypo.data.synthetic import DIMENSIONS, is_synthetic_uri
+    from raypo.data.synthetic import is_synthetic_uri, synthetic_dimensions
 
     if is_synthetic_uri(cfg.data.train_path):
-        return len(DIMENSIONS)
+        return len(synthetic_dimensions(cfg.data.train_path))
     return None
 
 

@@ -13,10 +13,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from raypo.config import LossConfig
 from raypo.losses import get_loss_spec, list_losses, listwise_loss, neg_log_dispersion
 from raypo.losses.label_rules import impute_ratings
 from raypo.losses.labels import DEFAULT_RATING
+from raypo.losses.mallows import DEFAULT_C
 
 # A copy of tests/losses/loss_vectors.json lives next to this file; RAYPO_LOSS_VECTORS points at another
 # vector file
@@ -252,7 +252,7 @@ def vector_to_call(v: dict[str, Any]) -> VectorCall:
         c = params.pop("c", None)
         if "Hbar_w" in inp:
             hw, hl = _t(inp["Hbar_w"]).reshape(-1), _t(inp["Hbar_l"]).reshape(-1)
-            c = LossConfig().dispersion_c if c is None else c
+            c = DEFAULT_C if c is None else c  # MallowsPO's shipped neg_log_dispersion_mean
             kwargs["dispersion"] = neg_log_dispersion((hw, hl), c=c)
         elif "neg_log_dispersion" in inp:
             kwargs["dispersion"] = _t(inp["neg_log_dispersion"]).reshape(-1)

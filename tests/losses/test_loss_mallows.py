@@ -10,7 +10,6 @@ import pytest
 import torch
 from loss_cases import BUNDLED_VECTORS_PATH, load_vectors
 
-from raypo.config import LossConfig
 from raypo.losses import (
     calibrate_c,
     entropy_from_logits,
@@ -19,7 +18,7 @@ from raypo.losses import (
     neg_log_dispersion,
     normalized_mean_entropy,
 )
-from raypo.losses.mallows import _neg_log_g
+from raypo.losses.mallows import DEFAULT_C, _neg_log_g
 
 D64 = torch.float64
 
@@ -154,7 +153,7 @@ def test_neg_log_dispersion_vector_value(v: dict) -> None:
     per_response = neg_log_dispersion(torch.tensor([[inp["Hbar_w"], inp["Hbar_l"], 0.9]], dtype=D64),
                                       torch.tensor([[True, True, False]]), c=vec_c)
     assert per_response.item() == pytest.approx(want, rel=1e-11)
-    c = LossConfig().dispersion_c
+    c = DEFAULT_C
     at_config = neg_log_dispersion((hbar_w, hbar_l), c=c)
     assert at_config.item() == pytest.approx(want * c / vec_c, rel=1e-11)
     assert neg_log_dispersion((hbar_w, hbar_l)).item() == pytest.approx(at_config.item(), rel=1e-15)
@@ -180,9 +179,9 @@ def test_calibrate_c_gives_mean_phi_one() -> None:
     hbar = torch.tensor([0.02, 0.05, 0.1, 0.2, 0.35], dtype=D64)
     c = calibrate_c(hbar)
     assert neg_log_dispersion(hbar, c=c).mean().item() == pytest.approx(1.0, rel=1e-14)
-    # The configured c (LossConfig().dispersion_c, passed by the trainer) is the calibrated c of a dataset
-    # whose mean -log Hbar is 1 / c: there the mean phi is 1.
-    c_cfg = LossConfig().dispersion_c
+    # The shipped c (MallowsPO's config) is the calibrated c of a dataset whose mean -log Hbar is 1 / c:
+    # there the mean phi is 1.
+    c_cfg = DEFAULT_C
     spread = torch.tensor([-0.5, 0.0, 0.5], dtype=D64)
     hbar_cfg = torch.exp(-(1.0 / c_cfg + spread))
     assert calibrate_c(hbar_cfg) == pytest.approx(c_cfg, rel=1e-12)

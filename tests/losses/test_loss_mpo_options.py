@@ -82,3 +82,151 @@ def test_the_options_are_checked_from_yaml_before_training():
     assert cfg.loss.params == {"alpha": 0.1, "weighting": "signed", "threshold": "trimmed_mean"}
     with pytest.raises(ConfigError, match=r"loss.params.threshold='avg' is not one of mean, median"):
         load_config(None, ["loss.name=mpo", "loss.params.threshold=avg"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference-free MPO (the MPO paper's reference-free variant: SimPO's reward and margin)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _lists(seed: int = 0, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    policy = -1.5 + 0.3 * torch.randn(3, n, generator=g, dtype=F64)  # per-token means
+    ref = -1.4 + 0.3 * torch.randn(3, n, generator=g, dtype=F64)
+    scores = torch.rand(3, n, generator=g, dtype=F64)
+    return policy, ref, scores
+
+
+def test_reference_free_mpo_by_hand():
+    policy, ref, scores = _lists()
+    beta, gamma = 2.0, 0.3
+    out = mpo_loss(policy, ref, scores=scores, beta=beta, reference_free=True, gamma=gamma)
+    want = []
+    for b in range(3):
+        pos = scores[b] > scores[b].mean()
+        r = beta * policy[b] - gamma * pos.to(F64)  # ref_logps are ignored
+        want.append(torch.logsumexp(r, 0) - torch.logsumexp(r[pos], 0))
+    assert out.loss.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-14)
+    assert mpo_loss(policy, None, scores=scores, beta=beta, reference_free=True, gamma=gamma).loss.item() \
+        == pytest.approx(out.loss.item(), rel=0)
+    # the default margin is SimPO's gamma = 0.25 * beta; with the reference it is 0 (plain MPO)
+    default = mpo_loss(policy, ref, scores=scores, beta=beta, reference_free=True)
+    assert default.loss.item() == pytest.approx(
+        mpo_loss(policy, ref, scores=scores, beta=beta, reference_free=True, gamma=0.5).loss.item(), rel=0)
+    assert mpo_loss(policy, ref, scores=scores).loss.item() == pytest.approx(
+        mpo_loss(policy, ref, scores=scores, gamma=0.0).loss.item(), rel=0)
+
+
+def test_reference_free_mpo_of_two_is_simpo():
+    from raypo.losses import listwise_loss
+
+    policy, _, scores = _lists(1, n=2)
+    p1, p2 = policy.clone().requires_grad_(True), policy.clone().requires_grad_(True)
+    mpo = listwise_loss("mpo", p1, None, scores=scores, beta=2.0, reference_free=True)
+    simpo = listwise_loss("simpo", p2, None, scores=scores, beta=2.0)
+    assert mpo.loss.item() == pytest.approx(simpo.loss.item(), rel=1e-13)
+    (g1,) = torch.autograd.grad(mpo.loss, p1)
+    (g2,) = torch.autograd.grad(simpo.loss, p2)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-15)
+
+
+def test_reference_free_mpo_reads_length_normalised_logps():
+    from raypo.losses import get_loss_spec
+
+    spec = get_loss_spec("mpo")
+    assert spec.logp_reduction_for({"reference_free": True}) == "mean"
+    assert not spec.uses_reference({"reference_free": True})
+    assert spec.logp_reduction_for({"reference_free": True, "length_normalization": False}) == "sum"
+    with pytest.raises(LossHyperparameterError, match="gamma"):
+        mpo_loss(*_lists()[:2], scores=_lists()[2], reference_free=True, gamma=-0.1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Top-k / bottom-k selection, the middle discarded (raypo's option)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_top_bottom_sets():
+    s = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [3.0, 2.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0],
+                      [3.0, 2.0, 2.0, 1.0, float("nan")]], dtype=F64)
+    pos, neg, counted = mpo_sets(s, selection="top_bottom")  # k = n // 2: only the median is dropped
+    assert pos.tolist()[0] == [True, True, False, False, False]
+    assert neg.tolist()[0] == [False, False, False, True, True]
+    assert pos.tolist()[1] == [True, True, False, False, False] and counted.tolist()[1]
+    assert counted.tolist() == [True, True, False, False]  # row 3: a 2 in each set, a tie across them
+    pos1, neg1, counted1 = mpo_sets(s, selection="top_bottom", k=1)
+    assert pos1.tolist()[3] == [True, False, False, False, False]
+    assert neg1.tolist()[3] == [False, False, False, True, False]
+    assert counted1.tolist() == [True, True, False, True]
+    big, _, _ = mpo_sets(s, selection="top_bottom", k=10)  # capped at n // 2
+    assert torch.equal(big, pos)
+
+
+def test_top_bottom_discards_the_middle_by_hand():
+    policy, ref, scores = _lists(2, n=5)
+    p = policy.clone().requires_grad_(True)
+    beta = 0.5
+    out = mpo_loss(p, ref, scores=scores, beta=beta, selection="top_bottom")
+    want = []
+    for b in range(3):
+        order = torch.argsort(scores[b], descending=True, stable=True)
+        top, bottom = order[:2], order[3:]
+        r = beta * (policy[b] - ref[b])
+        want.append(torch.logsumexp(r[torch.cat([top, bottom])], 0) - torch.logsumexp(r[top], 0))
+    assert out.loss.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-14)
+    (grad,) = torch.autograd.grad(out.loss, p)
+    median = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, 2]
+    assert torch.equal(grad.gather(1, median[:, None]), torch.zeros(3, 1, dtype=F64))  # out of the contrast
+    assert out.metrics["num_discarded"].item() == 3.0
+    # the threshold selection keeps the middle response in the contrast
+    (g_thr,) = torch.autograd.grad(mpo_loss(p, ref, scores=scores, beta=beta).loss, p)
+    assert bool((g_thr.gather(1, median[:, None]) != 0).all())
+
+
+def test_top_bottom_k1_is_dpo_between_best_and_worst():
+    from raypo.losses import listwise_loss
+
+    policy, ref, scores = _lists(3, n=5)
+    mpo = listwise_loss("mpo", policy, ref, scores=scores, beta=0.3, selection="top_bottom", k=1)
+    dpo = listwise_loss("dpo", policy, ref, scores=scores, beta=0.3)
+    assert mpo.loss.item() == pytest.approx(dpo.loss.item(), rel=1e-13)
+
+
+def test_top_bottom_denominator_matches_the_loss():
+    from raypo.losses import loss_denominator
+
+    s = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [3.0, 2.0, 2.0, 1.0, 0.0], [1.0] * 5,
+                      [3.0, 2.0, 2.0, 1.0, float("nan")]], dtype=F64)
+    policy = torch.randn(4, 5, dtype=F64)
+    for k in (None, 1, 2):
+        out = mpo_loss(policy, torch.zeros_like(policy), scores=s, selection="top_bottom", k=k)
+        den = loss_denominator("mpo", scores=s, dtype=F64, selection="top_bottom", k=k)
+        assert torch.equal(den, out.denominator)
+    assert out.denominator.item() == 2.0  # k = 2: rows 0 and 1
+
+
+def test_top_bottom_options_are_checked():
+    policy, ref, scores = _lists()
+    with pytest.raises(LossHyperparameterError, match="selection"):
+        mpo_loss(policy, ref, scores=scores, selection="top")
+    with pytest.raises(LossHyperparameterError, match="k=0"):
+        mpo_loss(policy, ref, scores=scores, selection="top_bottom", k=0)
+    with pytest.raises(LossHyperparameterError, match="only read by selection=top_bottom"):
+        mpo_loss(policy, ref, scores=scores, k=1)
+
+
+def test_mpo_options_from_yaml():
+    from raypo.config import load_config
+    from raypo.errors import ConfigError
+
+    cfg = load_config(None, ["loss.name=mpo", "loss.params.selection=top_bottom", "loss.params.k=2",
+                             "loss.params.reference_free=true", "loss.params.gamma=0.5", "loss.beta=2.0"])
+    assert cfg.loss.params == {"selection": "top_bottom", "k": 2, "reference_free": True, "gamma": 0.5}
+    with pytest.raises(ConfigError, match=r"loss.params.selection='top' is not one of threshold, top_bottom"):
+        load_config(None, ["loss.name=mpo", "loss.params.selection=top"])
+    with pytest.raises(ConfigError, match=r"loss.params.k=2 is only read with loss.params.selection"):
+        load_config(None, ["loss.name=wmpo", "loss.params.alpha=0.1", "loss.params.k=2"])
+    with pytest.raises(ConfigError, match=r"loss.params.k=0 must be an integer >= 1"):
+        load_config(None, ["loss.name=mpo", "loss.params.selection=top_bottom", "loss.params.k=0"])
+    with pytest.raises(ConfigError, match=r"loss.params.gamma=-1"):
+        load_config(None, ["loss.name=mpo", "loss.params.gamma=-1"])

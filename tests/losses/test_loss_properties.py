@@ -370,8 +370,12 @@ def test_registry_fields_and_defaults() -> None:
                         "log_base": 2.0, "weighting": "dcg"},
         "lambda_dpo": {"beta": 0.1, "temperature": 1.0, "default_rating": 1.0, "eps": 1e-10,
                        "scores_are_targets": False, "missing_ratings": "drop"},
-        "mpo": {"beta": 0.05, "alpha": 0.0, "threshold": "mean", "weighting": "absolute"},
-        "wmpo": {"beta": 0.05, "alpha": None, "threshold": "mean", "weighting": "absolute"},
+        "mpo": {"beta": 0.05, "alpha": 0.0, "threshold": "mean", "weighting": "absolute",
+                "reference_free": False, "length_normalization": None, "gamma": None,
+                "gamma_beta_ratio": None, "selection": "threshold", "k": None},
+        "wmpo": {"beta": 0.05, "alpha": None, "threshold": "mean", "weighting": "absolute",
+                 "reference_free": False, "length_normalization": None, "gamma": None,
+                 "gamma_beta_ratio": None, "selection": "threshold", "k": None},
         "infonca": {"beta": 0.01, "temperature_alpha": 1e-4, "first_bonus": 0.01},
         "nca": {"beta": 0.01, "temperature_alpha": 1e-4, "first_bonus": 0.01, "variant": "listwise"},
     }
@@ -382,6 +386,14 @@ def test_registry_fields_and_defaults() -> None:
     assert theta.needs_dispersion and not theta.uses_reference() and theta.logp_reduction_for() == "mean"
     assert theta.uses_reference({"reference_free": False})
     assert theta.logp_reduction_for({"length_normalization": False}) == "sum"
+    assert theta.defaults["dispersion_c"] == 0.29 and theta.defaults["missing_entropy"] == "error"
+    phi = LOSS_REGISTRY["mallows_phi"]
+    assert phi.defaults["link"] == "exact" and phi.defaults["poly_range_mode"] == "dispersion"
+    mpo = LOSS_REGISTRY["mpo"]  # reference-free MPO: no reference, SimPO's per-token mean log-probs
+    assert mpo.uses_reference() and mpo.logp_reduction_for() == "sum"
+    assert not mpo.uses_reference({"reference_free": True})
+    assert mpo.logp_reduction_for({"reference_free": True}) == "mean"
+    assert mpo.logp_reduction_for({"reference_free": True, "length_normalization": False}) == "sum"
     assert LOSS_REGISTRY["simpo"].reference_free and not LOSS_REGISTRY["simpo"].uses_reference()
     assert LOSS_REGISTRY["lambda_dpo"].needs_lambda
     assert LOSS_REGISTRY["lambda_dpo"].labels == "per_dimension_scores"

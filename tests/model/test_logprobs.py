@@ -146,21 +146,37 @@ def test_bf16_weight_grad_accumulates_in_fp32_across_chunks():
     assert (many != one).double().mean() < 0.05
 
 
-def test_chunk_holds_one_vocab_buffer_without_entropy():
-    """Without entropy the forward's log-sum-exp runs in place: no second [c, V] tensor per chunk."""
-    t, h, v, chunk = 64, 8, 50, 4
-    hidden, weight, _, labels = _inputs(t=t, h=h, v=v, dtype=torch.float32)
+def _count_vocab_buffers(size: int):
+    """A dispatch mode counting the [c, V]-sized tensors that ops allocate (outputs not written into an
+    argument's storage, ``out=`` included)."""
 
     class _Count(TorchDispatchMode):
         big = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.numel() == chunk * v and out.data_ptr() not in {
-                    a.data_ptr() for a in args if isinstance(a, torch.Tensor)}:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            given = {a.data_ptr() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.numel() == size and out.data_ptr() not in given:
                 self.big += 1
             return out
 
-    with torch.no_grad(), _Count() as probe:
-        chunked_label_logprobs(hidden, weight, labels, chunk_size=chunk)
-    assert probe.big == t // chunk  # the logits GEMM's output, once per chunk
+    return _Count()
+
+
+def test_chunks_share_one_vocab_buffer_without_entropy():
+    """Without entropy the forward's log-sum-exp runs in place, and every chunk's logits GEMM writes into
+    one [c, V] buffer made once per call (a fresh one per chunk costs page faults on CPU): one [c, V]
+    allocation in the forward and one in the backward (fp32 weights: dz is cast to nothing)."""
+    t, h, v, chunk = 64, 8, 50, 4
+    hidden, weight, _, labels = _inputs(t=t, h=h, v=v, dtype=torch.float32)
+    with torch.no_grad(), _count_vocab_buffers(chunk * v) as probe:
+        logp, _ = chunked_label_logprobs(hidden, weight, labels, chunk_size=chunk)
+    assert probe.big == 1
+    torch.testing.assert_close(logp, reference_label_logprobs(hidden, weight, labels)[0])
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    logp, _ = chunked_label_logprobs(hidden, weight, labels, chunk_size=chunk)
+    with _count_vocab_buffers(chunk * v) as probe:
+        logp.sum().backward()
+    assert probe.big == 1

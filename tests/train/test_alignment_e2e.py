@@ -1,6 +1,7 @@
 """On-policy alignment data on a real model, end to end: SmolLM2-135M-Instruct (the smollm2 extra) ->
 ``raypo data tasks`` -> ``raypo data generate`` -> ``raypo data score`` -> ``raypo train`` with LoRA on
-ZeRO-3 (CPU, gloo) for 2 steps. Skipped when the extra is not installed."""
+ZeRO-3 (CPU, gloo) for 2 steps -> ``raypo eval RUN --generate`` against the reference on held-out prompts.
+Skipped when the extra is not installed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raypo.cli.main import main
+from raypo.data.tasks import DIMENSIONS
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2://135m-instruct"
@@ -40,7 +42,7 @@ def test_generate_score_and_train_smollm2(ray_cluster, tmp_path, capsys) -> None
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
     prompts = tmp_path / "prompts.jsonl"
-    assert main(["data", "tasks", "--out", str(prompts), "--num-prompts", "4", "--num-heldout", "0"]) == 0
+    assert main(["data", "tasks", "--out", str(prompts), "--num-prompts", "4", "--num-heldout", "2"]) == 0
     gen, scored = tmp_path / "gen.parquet", tmp_path / "scored.parquet"
     assert main(["data", "generate", "--model", MODEL, "--prompts", str(prompts), "--out", str(gen),
                  "--num-responses", "2", "--max-new-tokens", "8", "--batch-size", "4"]) == 0
@@ -66,3 +68,13 @@ def test_generate_score_and_train_smollm2(ray_cluster, tmp_path, capsys) -> None
     assert loss == loss and loss > 0  # finite, a real DPO-style loss
     assert os.path.isdir(storage / "smol" / "step_00000002")
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "llama"
+
+    capsys.readouterr()  # the run directory -> its checkpoint, exported once; generations vs the reference
+    heldout = tmp_path / "prompts.heldout.jsonl"
+    assert main(["eval", str(storage / "smol"), "--generate", "--prompts", str(heldout), "--local",
+                 "--max-new-tokens", "8", "--json"]) == 0
+    gen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["generation"]
+    assert gen["num_prompts"] == 2 and gen["reference"]["source"]
+    [result] = gen["results"]
+    assert list(result["win_rate"]) == list(DIMENSIONS)
+    assert all(0.0 <= v <= 1.0 for v in result["win_rate"].values()) and result["mean_words"] > 0

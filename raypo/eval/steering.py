@@ -1,0 +1,167 @@
+"""``raypo eval``: a trained policy's ranking metrics per dimension at several lambdas, and the trade-off
+picture along the simplex between one-hots (docs/steering.md).
+
+The lambdas: those given, else each one-hot e_k and the uniform lambda; with a plot and no lambdas, the
+path e_1 -> e_2 -> ... -> e_m in ``points`` steps per edge. The result (:func:`evaluate_model`) is one JSON
+object::
+
+    {"model": ..., "data": ..., "num_prompts": P, "conditioned": true, "dimensions": [...],
+     "results": [{"lambda": [...], "metrics": {"pairwise_accuracy": {DIM: v, ...}, "ndcg": {...},
+                                               "kendall_tau": {...}}}, ...]}
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Optional
+
+from raypo.config import DataConfig
+from raypo.eval.listwise import ListScorer, ScorerSpec, lambda_metrics
+from raypo.eval.models import EvalModel
+
+
+class EvalDataError(ValueError):
+    """Evaluation data that does not fit the model (its dimensions)."""
+
+
+def default_lambdas(dims: Sequence[str]) -> list[list[float]]:
+    """Each one-hot e_k, then the uniform lambda."""
+    m = len(dims)
+    return [[1.0 if i == k else 0.0 for i in range(m)] for k in range(m)] + [[1.0 / m] * m]
+
+
+def edge_lambdas(dims: Sequence[str], points: int = 5) -> list[list[float]]:
+    """The path e_1 -> e_2 -> ... -> e_m, ``points`` lambdas per edge (shared corners once)."""
+    m = len(dims)
+    if m < 2 or points < 2:
+        raise ValueError("the trade-off path needs >= 2 dimensions and >= 2 points per edge")
+    path: list[list[float]] = []
+    for k in range(m - 1):
+        for i in range(0 if k == 0 else 1, points):
+            t = i / (points - 1)
+            lam = [0.0] * m
+            lam[k], lam[k + 1] = 1.0 - t, t
+            path.append(lam)
+    return path
+
+
+def _data_config(data: str, data_format: str, base: Optional[DataConfig]) -> DataConfig:
+    cfg = base if base is not None else DataConfig()
+    return replace(cfg, train_path=data, eval_path=None, format=data_format, eval_fraction=0.0,
+                   quarantine_path=None, dimensions=[])
+
+
+def _check_dimensions(data_dims: Sequence[str], model: EvalModel, data: str) -> None:
+    if model.dimensions and list(data_dims) != model.dimensions:
+        raise EvalDataError(f"the data at {data} is rated on ({', '.join(data_dims) or 'no dimensions'}) but "
+                            f"the model was trained on ({', '.join(model.dimensions)}); evaluate on data "
+                            "rated on the model's dimensions, in the same order")
+
+
+def score_rows_local(spec: ScorerSpec, rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """:class:`ListScorer` in this process, ``batch_size`` lists per forward."""
+    import pyarrow as pa
+
+    scorer = ListScorer(spec)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(rows), batch_size):
+        out += scorer(pa.Table.from_pylist(rows[start:start + batch_size])).to_pylist()
+    return out
+
+
+def score_rows_ray(spec: ScorerSpec, ds, batch_size: int) -> list[dict[str, Any]]:
+    """:class:`ListScorer` as a Ray Data stage on one actor (a GPU when the cluster has one)."""
+    import ray
+    import ray.data
+
+    from raypo.progress import ray_data_stage
+
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    with ray_data_stage("eval scoring", unit="prompts") as stage:
+        scored = ds.map_batches(ListScorer, fn_constructor_args=(spec,), batch_size=batch_size,
+                                batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+                                num_cpus=1, num_gpus=gpus)
+        batches = scored.iter_batches(batch_format="pyarrow", batch_size=None)
+        rows = [r for b in batches for r in b.to_pylist()]
+        stage.done = len(rows)
+    return rows
+
+
+def evaluate_model(model: EvalModel, data: str, lambdas: Optional[list[list[float]]], *, local: bool = False,
+                   data_format: str = "listwise", batch_size: int = 8, data_cfg: Optional[DataConfig] = None,
+                   log=sys.stderr) -> dict[str, Any]:
+    """Score ``data`` with ``model`` at every lambda; the JSON object of the module docstring."""
+    cfg = _data_config(data, data_format, data_cfg)
+    lambdas = lambdas or default_lambdas(model.dimensions)
+    spec = ScorerSpec(model_path=model.path, reference=model.reference,
+                      conditioning=model.conditioning.to_dict() if model.conditioning else None,
+                      lambdas=tuple(tuple(lam) for lam in lambdas))
+    if local:
+        from raypo.data.pipeline import build_rows
+
+        rows, _, report = build_rows(cfg, model.path, check=True)
+        print(report.format(), file=log, flush=True)
+        _check_dimensions(report.dimensions or [], model, data)
+        scored = score_rows_local(spec, rows, batch_size)
+    else:
+        import ray
+
+        from raypo.data.pipeline import build_datasets
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ds, _, report = build_datasets(cfg, tokenizer_path=model.path, check=True)
+        print(report.format(), file=log, flush=True)
+        _check_dimensions(report.dimensions or [], model, data)
+        scored = score_rows_ray(spec, ds, batch_size)
+    if not scored:
+        raise EvalDataError(f"no list of {data} survived validation; nothing to evaluate")
+    dims = model.dimensions or list(report.dimensions or [])
+    metrics = lambda_metrics(scored, num_lambdas=len(lambdas), dimensions=dims, beta=model.beta,
+                             reduction=model.card.get("logp_reduction", "sum"))
+    return {"model": model.path, "data": data, "num_prompts": len(scored),
+            "conditioned": model.conditioning is not None, "dimensions": dims,
+            "results": [{"lambda": list(lam), "metrics": m} for lam, m in zip(lambdas, metrics)]}
+
+
+def format_table(result: dict[str, Any], metric: str = "pairwise_accuracy") -> str:
+    """One line per lambda: the lambda and ``metric`` per dimension."""
+    dims = result["dimensions"]
+    width = max(len(d) for d in dims)
+    out = io.StringIO()
+    kind = "lambda-conditioned" if result["conditioned"] else "not conditioned: the same at every lambda"
+    out.write(f"{result['num_prompts']} prompts; {metric} per dimension ({kind})\n")
+    out.write("lambda".ljust(8 * len(dims)) + "  " + "  ".join(d.rjust(width) for d in dims) + "\n")
+    for r in result["results"]:
+        lam = " ".join(f"{w:.2f}".rjust(7) for w in r["lambda"])
+        out.write(lam.ljust(8 * len(dims)) + "  "
+                  + "  ".join(f"{r['metrics'][metric][d]:.3f}".rjust(width) for d in dims) + "\n")
+    return out.getvalue()
+
+
+def steering_plot(result: dict[str, Any], out_png: str, metric: str = "pairwise_accuracy") -> str:
+    """A PNG of ``metric`` per dimension against the position of lambda along its results' path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims, results = result["dimensions"], result["results"]
+    xs = list(range(len(results)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(xs)), 4.0))
+    for d in dims:
+        ax.plot(xs, [r["metrics"][metric][d] for r in results], marker="o", label=d)
+    ticks = [(i, dims[r["lambda"].index(1.0)]) for i, r in enumerate(results) if max(r["lambda"]) == 1.0]
+    ax.set_xticks([i for i, _ in ticks], [f"e({name})" for _, name in ticks])
+    ax.set_xlabel("lambda along the simplex")
+    ax.set_ylabel(f"held-out {metric.replace('_', ' ')}")
+    ax.set_title("Steering: each dimension's accuracy as lambda moves between one-hots")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
