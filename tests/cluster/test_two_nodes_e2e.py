@@ -111,7 +111,8 @@ def test_the_guard_refuses_a_driver_local_path_on_every_node(two_nodes, driver_d
     log = driver_dirs.cwd / "guard.log"
     proc = two_nodes.driver([sys.executable, "-c", code], home=driver_dirs.home, cwd=driver_dirs.cwd, log=log)
     text = wait_for_driver(proc, log, timeout=120)
-    result = ast.literal_eval(next(ln for ln in text.splitlines() if ln.startswith("RESULT")).split(" ", 1)[1])
+    line = next(ln for ln in text.splitlines() if ln.startswith("RESULT"))
+    result = ast.literal_eval(line.split(" ", 1)[1])
     assert {outcome for _, outcome in result} == {"refused"}, result
     assert [line for line in two_nodes.violation_lines() if str(secret) in line]
     two_nodes.violations.unlink()  # the training test below starts from a clean log
