@@ -12,8 +12,9 @@ from typing import Optional
 
 
 class RunError(RuntimeError):
-    """A problem with the data or the run (not the config's syntax) found before any training starts; the
-    message says what is wrong and what to do. ``raypo`` prints it and exits with status 1."""
+    """A problem with the data or the run (not the config's syntax) that stops the command: found before
+    training starts, or a run that cannot go on (its workers cannot be placed); the message says what is
+    wrong and what to do. ``raypo`` prints it and exits with status 1."""
 
 
 class ConfigError(ValueError):

@@ -42,7 +42,16 @@ def _lambdas(args: argparse.Namespace, model: EvalModel) -> list[list[float]]:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from raypo.eval.steering import EvalDataError, edge_lambdas, evaluate_model, format_table, steering_plot
+    from raypo.eval.steering import (
+        EvalDataError,
+        edge_lambdas,
+        evaluate_model,
+        format_steering,
+        format_table,
+        steering_lambdas,
+        steering_plot,
+        steering_report,
+    )
 
     model = _model(args)
     lambdas = _lambdas(args, model)
@@ -55,8 +64,14 @@ def eval_command(args: argparse.Namespace) -> int:
                            "generation), or both"], source="command line")
     if args.plot and not args.data:
         raise ConfigError(["--plot draws the ranking evaluation: it needs --data"], source="command line")
+    if args.steering and (lambdas or not args.data):
+        raise ConfigError(["--steering evaluates at its own lambdas (each one-hot, the uniform lambda and "
+                           "every edge of the simplex): give it --data and no --lambda"],
+                          source="command line")
     gen_lambdas = list(lambdas)  # the plot's path below is for the ranking evaluation only
-    if args.plot and not lambdas:
+    if args.steering:
+        lambdas = steering_lambdas(len(model.dimensions), points=args.points)
+    elif args.plot and not lambdas:
         lambdas = edge_lambdas(model.dimensions, points=args.points)
     result: dict[str, Any] = {"model": model.path, "conditioned": model.conditioning is not None,
                               "dimensions": model.dimensions}
@@ -86,13 +101,22 @@ def eval_command(args: argparse.Namespace) -> int:
                 responses_out=args.responses_out, log=sys.stderr)
         except GenerationEvalError as exc:
             raise ConfigError([str(exc)], source="command line") from None
+    if args.steering:
+        result["steering"] = steering_report(result, points=args.points)
     if args.plot:
-        result["plot"] = steering_plot(result, args.plot)
+        plotted = result
+        if args.steering:  # the plot follows the path e_1 -> e_2 -> ... -> e_m, a subset of these lambdas
+            path = [tuple(lam) for lam in edge_lambdas(model.dimensions, points=args.points)]
+            by_lambda = {tuple(r["lambda"]): r for r in result["results"]}
+            plotted = {**result, "results": [by_lambda[lam] for lam in path]}
+        result["plot"] = steering_plot(plotted, args.plot)
     if args.json:
         print(json.dumps(result))
     else:
         if args.data:
             print(format_table(result), end="")
+        if args.steering:
+            print(format_steering(result["steering"]), end="")
         if generation:
             from raypo.eval.by_generation import format_generation_table
 
@@ -161,7 +185,12 @@ def add_commands(sub, handler) -> None:
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="draw each dimension's accuracy as lambda moves between one-hots (without --lambda: "
                         "the path e_1 -> e_2 -> ... -> e_m)")
-    p.add_argument("--points", type=int, default=5, help="lambdas per edge of the plotted path (default 5)")
+    p.add_argument("--points", type=int, default=5,
+                   help="lambdas per edge of the plotted path and of --steering's edges (default 5)")
+    p.add_argument("--steering", action="store_true",
+                   help="check that the model steers: the matrix A[k][j] (accuracy on dimension j at lambda "
+                        "= e_k), whether each dimension is ranked best at its own one-hot, and whether "
+                        "moving lambda along each edge of the simplex raises the accuracy monotonically")
     p.add_argument("--local", action="store_true",
                    help="score (and generate) in this process instead of on Ray Data")
     p.add_argument("--batch-size", type=int, default=8,

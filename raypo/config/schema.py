@@ -206,6 +206,10 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
     keep_last: int = 2
     max_failures: int = 0
+    # worker-group starts that may time out (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by
+    # default, for room for every worker) before the run stops with an error; -1: wait as long as it takes
+    # (an autoscaler adding nodes, a lost node coming back). Ray Train's controller_failure_limit
+    max_start_timeouts: int = -1
     export_path: Optional[str] = None  # write a Hugging Face export here at the end
     # a damaged latest checkpoint (docs/training.md, "Damaged checkpoints"): fallback = set it aside and
     # resume from the newest good one; fail = refuse to start, naming the bad file

@@ -369,6 +369,7 @@ def _checkpoint_problems(cfg: RaypoConfig) -> list[str]:
     _at_least(p, "checkpoint.every_steps", c.every_steps, 0)
     _at_least(p, "checkpoint.keep_last", c.keep_last, 1)
     _at_least(p, "checkpoint.max_failures", c.max_failures, -1)
+    _at_least(p, "checkpoint.max_start_timeouts", c.max_start_timeouts, -1)
     _choice(p, "checkpoint.on_corrupt", c.on_corrupt, ("fallback", "fail"))
     return p
 

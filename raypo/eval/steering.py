@@ -165,3 +165,93 @@ def steering_plot(result: dict[str, Any], out_png: str, metric: str = "pairwise_
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def simplex_edges(m: int, points: int = 5) -> list[tuple[int, int, list[list[float]]]]:
+    """Every edge of the simplex, e_k -> e_j for k < j, as ``points`` equally spaced lambdas (k, j, path)."""
+    if m < 2 or points < 2:
+        raise ValueError("the simplex's edges need >= 2 dimensions and >= 2 points per edge")
+    edges = []
+    for k in range(m):
+        for j in range(k + 1, m):
+            path = []
+            for i in range(points):
+                t = i / (points - 1)
+                lam = [0.0] * m
+                lam[k], lam[j] = 1.0 - t, t
+                path.append(lam)
+            edges.append((k, j, path))
+    return edges
+
+
+def steering_lambdas(m: int, points: int = 5) -> list[list[float]]:
+    """Each one-hot, the uniform lambda, and the inner points of every edge (:func:`simplex_edges`): what
+    :func:`steering_report` needs."""
+    out = [[1.0 if i == k else 0.0 for i in range(m)] for k in range(m)] + [[1.0 / m] * m]
+    for _, _, path in simplex_edges(m, points):
+        out += [lam for lam in path[1:-1] if lam not in out]
+    return out
+
+
+def steering_report(result: dict[str, Any], metric: str = "pairwise_accuracy", points: int = 5,
+                    tolerance: float = 0.02) -> dict[str, Any]:
+    """Whether an evaluation (:func:`evaluate_model` at :func:`steering_lambdas`) shows a model that steers.
+
+    ``matrix[k][j]`` = ``metric`` on dimension j when evaluated at lambda = e_k. Dimension j *steers* when
+    it is ranked best at its own one-hot, A[j][j] > A[k][j] for every k != j (``strict``; ``ties`` when
+    only >=). Along each edge e_k -> e_j (both directions, ``points`` lambdas) the accuracy on the
+    dimension moved towards is *monotone* when no point falls more than ``tolerance`` below the one before
+    it (the noise of a finite eval set). Edges whose points were not all evaluated are left out."""
+    dims = result["dimensions"]
+    m = len(dims)
+    by_lambda = {tuple(round(w, 6) for w in r["lambda"]): r["metrics"][metric] for r in result["results"]}
+
+    def at(lam: Sequence[float]) -> Optional[dict[str, float]]:
+        return by_lambda.get(tuple(round(w, 6) for w in lam))
+
+    onehots = [at([1.0 if i == k else 0.0 for i in range(m)]) for k in range(m)]
+    if any(row is None for row in onehots):
+        raise ValueError("steering_report needs the evaluation at every one-hot lambda")
+    matrix = [[float(row[d]) for d in dims] for row in onehots]
+    diagonal = []
+    for j, d in enumerate(dims):
+        others = [matrix[k][j] for k in range(m) if k != j]
+        best = max(others) if others else float("-inf")
+        diagonal.append({"dimension": d, "own": matrix[j][j], "best_other": best,
+                         "ties": matrix[j][j] >= best, "strict": matrix[j][j] > best})
+    edges = []
+    for k, j, path in simplex_edges(m, points):
+        rows = [at(lam) for lam in path]
+        if any(r is None for r in rows):
+            continue
+        for src, dst, seq in ((k, j, rows), (j, k, rows[::-1])):
+            values = [float(r[dims[dst]]) for r in seq]
+            drops = [b - a for a, b in zip(values, values[1:])]
+            edges.append({"from": dims[src], "to": dims[dst], "values": values,
+                          "monotone": all(x >= -tolerance for x in drops)})
+    return {"metric": metric, "dimensions": dims, "matrix": matrix, "diagonal": diagonal, "edges": edges,
+            "tolerance": tolerance, "steers": all(x["strict"] for x in diagonal),
+            "monotone": bool(edges) and all(e["monotone"] for e in edges)}
+
+
+def format_steering(report: dict[str, Any]) -> str:
+    """A :func:`steering_report` as markdown: the matrix, the diagonal check and each edge's values."""
+    dims, metric = report["dimensions"], report["metric"].replace("_", " ")
+    lines = [f"Held-out {metric}, A[k][j]: evaluated at lambda = e_k (rows), on dimension j (columns).", "",
+             "| lambda | " + " | ".join(dims) + " |", "|---|" + "---|" * len(dims)]
+    for k, row in enumerate(report["matrix"]):
+        cells = [f"**{v:.3f}**" if j == k else f"{v:.3f}" for j, v in enumerate(row)]
+        lines.append(f"| e({dims[k]}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    for x in report["diagonal"]:
+        verdict = "best at its own one-hot" if x["strict"] else ("tied" if x["ties"] else "NOT best")
+        lines.append(f"* {x['dimension']}: {x['own']:.3f} at its own one-hot, at most {x['best_other']:.3f} "
+                     f"at the others: {verdict}")
+    if report["edges"]:
+        lines += ["", f"Along each edge (tolerance {report['tolerance']}), the accuracy on the dimension "
+                  "moved towards:", ""]
+        for e in report["edges"]:
+            values = " -> ".join(f"{v:.3f}" for v in e["values"])
+            lines.append(f"* e({e['from']}) -> e({e['to']}), {e['to']}: {values} "
+                         f"({'monotone' if e['monotone'] else 'NOT monotone'})")
+    return "\n".join(lines) + "\n"

@@ -19,6 +19,11 @@ from raypo.train.reference import ReferenceOutputs
 _ONE = torch.ones((), dtype=torch.float64)
 
 
+#: LossOutput.metrics counters logged per step, as fractions of prompts: {loss's key: metric name}.
+LOSS_COUNTERS = {"num_skipped": "skipped_prompt_fraction",
+                 "num_missing_entropy": "missing_entropy_prompt_fraction"}
+
+
 def scalar(value: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One (sum, count) entry holding ``value``."""
     return torch.tensor(float(value), dtype=torch.float64), _ONE
@@ -43,6 +48,12 @@ def batch_metric_sums(objective: Objective, batch: ListwiseBatch, out: LossOutpu
                 len(objective.dim_names) == per_dim.shape[-1] else None
             sums.update(ranking_metrics(rewards, per_dim.to(device), mask, ndcg_ks=(None,), prefix=prefix,
                                         dim_names=names))
+    # The loss's own counters, as fractions of the micro-batch's prompts (docs/losses.md): prompts skipped
+    # (no usable contrast) and, for MallowsPO with missing_entropy=mean, prompts given phi = 1.
+    groups = torch.tensor(float(batch.num_groups), dtype=torch.float64)
+    for key, name in LOSS_COUNTERS.items():
+        if key in out.metrics:
+            sums[f"{prefix}{name}"] = (torch.as_tensor(out.metrics[key]).double().cpu().sum(), groups)
     # KL estimate on the data's responses, per token: mean over tokens of log pi - log pi_ref (k1).
     if objective.uses_reference:
         diff = torch.where(mask, policy_logps_raw.detach().float() - ref.raw_logps,

@@ -253,7 +253,8 @@ def build_trainer(cfg: RaypoConfig, *, callbacks: Optional[list] = None,
     run_config = ray.train.RunConfig(
         name=name, storage_path=storage_path, storage_filesystem=storage_fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures,
+                                               controller_failure_limit=cfg.checkpoint.max_start_timeouts),
         callbacks=all_callbacks, worker_runtime_env={"env_vars": driver_environment()})
     base = f"{cfg.checkpoint.storage_path.rstrip('/')}/{name}"
     loop_config = {"config": to_dict(cfg), "policy_path": policy_path, "ref_path": ref_path,
@@ -430,6 +431,46 @@ def run_training(cfg: RaypoConfig) -> TrainResult:
         return _run_training_locked(cfg)
 
 
+def _startup_timeout(exc: BaseException) -> Optional[BaseException]:
+    """The worker-group start timeout behind a failed ``fit()`` (Ray Train wraps it in a ControllerError)."""
+    seen: set[int] = set()
+    todo: list[Optional[BaseException]] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e).__name__ == "WorkerGroupStartupTimeoutError":
+            return e
+        todo += [getattr(e, "controller_failure", None), e.__cause__, e.__context__]
+    return None
+
+
+def _fit(trainer, cfg: RaypoConfig):
+    """``trainer.fit()``; a worker group that could not be placed becomes a :class:`RunError` that says
+    what was asked for, how long it waited and that the checkpoints are kept (docs/cluster.md)."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        timeout = _startup_timeout(exc)
+        if timeout is None:
+            raise
+        from raypo.train.run_record import latest_checkpoint
+
+        s = cfg.scaling
+        per_worker = dict(s.resources_per_worker) or ({"GPU": 1} if s.use_gpu else {"CPU": 1})
+        latest = latest_checkpoint(cfg, run_name(cfg))
+        kept = (f"its latest checkpoint, step {latest[1]} at {latest[0]}, is kept" if latest is not None
+                else "it had no checkpoint yet")
+        tries = cfg.checkpoint.max_start_timeouts + 1
+        raise RunError(
+            f"the run stopped: its {s.num_workers} worker(s) of {per_worker} (placement "
+            f"{s.placement_strategy}) could not all be placed, {tries} time(s) in a row ({timeout}). "
+            f"Nothing is lost: {kept}, and running the same command again resumes from it once the "
+            "cluster has room. To wait longer, raise checkpoint.max_start_timeouts (-1: wait as long as "
+            "it takes) or RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; or lower scaling.num_workers") from exc
+
+
 def _run_training_locked(cfg: RaypoConfig) -> TrainResult:
     from raypo.train.run_record import check_or_write_run_record, latest_checkpoint
 
@@ -443,7 +484,7 @@ def _run_training_locked(cfg: RaypoConfig) -> TrainResult:
               "(set checkpoint.run_name to start a new run)", flush=True)
     started = time.time()
     init_ray(cfg)
-    result = build_trainer(cfg).fit()
+    result = _fit(build_trainer(cfg), cfg)
     ckpt = result.checkpoint
     export_dir = None
     if ckpt is not None and cfg.checkpoint.export_path:

@@ -7,33 +7,52 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from raypo.cli.main import main
 from raypo.config import load_config
-from raypo.data.synthetic import DIMENSIONS
+from raypo.data.synthetic_steer import STEER_DIMENSIONS
 from raypo.train.trainer import run_training
 
 pytestmark = pytest.mark.e2e
 
-EVAL_DATA = "synthetic://default?num_prompts=12&seed=9"
+STEPS = 100  # the one-hot rows separate by step 100 in configs/steer_quickstart.yaml (docs/steering.md)
+
+EVAL_DATA = "synthetic://steer?num_prompts=48&seed=9"
+DIMENSIONS = STEER_DIMENSIONS
+
+
+def _train(storage: str, run_name: str, model_dir, *overrides: str):
+    """A run on the steering data (raypo.data.synthetic_steer: every two dimensions conflict on some pairs),
+    configured like configs/steer_quickstart.yaml: one-hot lambdas, beta 1, a constant lr."""
+    cfg = load_config(None, [
+        f"model.path={model_dir}", "model.dtype=float32",
+        "data.train_path=synthetic://steer?num_prompts=400&seed=3", "data.eval_fraction=0.1",
+        "data.max_prompt_length=96", "data.max_response_length=32",
+        "loss.name=lambda_dpo", "loss.beta=1.0", "lambdas.schedule=onehot", "lambdas.per=prompt",
+        "optimizer.lr=2e-3", "optimizer.lr_scheduler=constant", "optimizer.warmup_steps=10",
+        "train.micro_batch_size=4", "scaling.num_workers=2", "logging.tensorboard=false",
+        f"checkpoint.storage_path={storage}", f"checkpoint.run_name={run_name}",
+        f"checkpoint.export_path={storage}/{run_name}/export", *overrides])
+    return run_training(cfg)
 
 
 @pytest.fixture(scope="module")
 def conditioned_run(ray_cluster, tiny_model_dir, tmp_path_factory):
-    storage = str(tmp_path_factory.mktemp("steer"))
-    cfg = load_config(None, [
-        f"model.path={tiny_model_dir}", "model.dtype=float32",
-        "data.train_path=synthetic://default?num_prompts=24&seed=3", "data.eval_fraction=0.25",
-        "data.max_prompt_length=64", "data.max_response_length=32",
-        "loss.name=lambda_dpo", "loss.beta=0.1", "lambdas.condition=prompt",
-        "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "train.micro_batch_size=2", "train.max_steps=3",
-        "train.epochs=3", "train.eval_every=3", "scaling.num_workers=2", "logging.tensorboard=false",
-        f"checkpoint.storage_path={storage}", "checkpoint.run_name=steer", "checkpoint.every_steps=3",
-        f"checkpoint.export_path={storage}/steer/export"])
-    return run_training(cfg)
+    return _train(str(tmp_path_factory.mktemp("steer")), "steer", tiny_model_dir, "lambdas.condition=prompt",
+                  f"train.max_steps={STEPS}", "train.epochs=4", f"train.eval_every={STEPS}",
+                  f"checkpoint.every_steps={STEPS}")
+
+
+@pytest.fixture(scope="module")
+def unconditioned_run(ray_cluster, tiny_model_dir, tmp_path_factory):
+    """The same data and objective, lambdas.condition=none: the policy never sees lambda (a few steps do:
+    there is nothing for more steps to change about that)."""
+    return _train(str(tmp_path_factory.mktemp("plain")), "plain", tiny_model_dir, "lambdas.condition=none",
+                  "train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4")
 
 
 def _eval_json(capsys, *args) -> dict:
@@ -45,7 +64,7 @@ def _eval_json(capsys, *args) -> dict:
 def test_training_evaluates_at_every_one_hot(conditioned_run):
     rows = [json.loads(line) for line in open(os.path.join(conditioned_run.run_dir, "metrics.jsonl"))]
     evals = [r for r in rows if "eval/pairwise_accuracy" in r]
-    assert [r["step"] for r in evals] == [0, 3]
+    assert [r["step"] for r in evals] == [0, STEPS]
     for dim in DIMENSIONS:
         assert all(f"eval_at_{dim}/pairwise_accuracy/{dim}" in r for r in evals)
     # the policy sees lambda: at step 0 the one-hot evaluations already differ from the uniform one
@@ -56,16 +75,48 @@ def test_training_evaluates_at_every_one_hot(conditioned_run):
 def test_the_export_carries_the_conditioning(conditioned_run):
     card = json.load(open(os.path.join(conditioned_run.export_dir, "raypo_model.json")))
     cond = json.load(open(os.path.join(conditioned_run.export_dir, "raypo_conditioning.json")))
-    assert card["dimensions"] == list(DIMENSIONS) and card["loss"] == "lambda_dpo" and card["beta"] == 0.1
+    assert card["dimensions"] == list(DIMENSIONS) and card["loss"] == "lambda_dpo" and card["beta"] == 1.0
     assert cond["dimensions"] == list(DIMENSIONS) and "{weights}" in cond["template"]
+
+
+def test_the_conditioned_model_steers_and_the_unconditioned_one_does_not(conditioned_run, unconditioned_run,
+                                                                        capsys):
+    """On held-out steering data, A[k][j] (accuracy on dimension j at lambda = e_k) ranks every dimension best
+    at its own one-hot, strictly and by a margin (every two dimensions conflict on some pairs); the same
+    objective without conditioning gives the same row at every lambda."""
+    from raypo.eval.steering import format_steering
+
+    report = _eval_json(capsys, conditioned_run.export_dir, "--data", EVAL_DATA, "--local",
+                        "--steering")["steering"]
+    assert report["steers"], format_steering(report)
+    for x in report["diagonal"]:
+        assert x["own"] >= x["best_other"] + 0.2, format_steering(report)
+    plain = _eval_json(capsys, unconditioned_run.export_dir, "--data", EVAL_DATA, "--local",
+                       "--steering")["steering"]
+    assert all(row == plain["matrix"][0] for row in plain["matrix"]) and not plain["steers"]
+
+
+def test_the_steering_benchmark_reports_both_runs(conditioned_run, unconditioned_run, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    from bench import steering
+
+    out = tmp_path / "steering.json"
+    assert steering.main(["--run-dir", conditioned_run.run_dir, "--control-dir", unconditioned_run.run_dir,
+                          "--eval-data", EVAL_DATA, "--points", "3", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["conditioned"]["steering"]["steers"] and not results["control"]["steering"]["steers"]
+    assert steering.rows_spread(results["control"]) == 0.0 < steering.rows_spread(results["conditioned"])
+    md = out.with_suffix(".md").read_text()
+    assert "## Lambda-conditioned" in md and "## Unconditioned twin" in md and "| e(conciseness) |" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_on_run_checkpoint_and_export_agree(conditioned_run, capsys):
     by_export = _eval_json(capsys, conditioned_run.export_dir, "--data", EVAL_DATA, "--local")
     assert by_export["dimensions"] == list(DIMENSIONS) and by_export["conditioned"] is True
-    assert by_export["num_prompts"] == 12
+    assert by_export["num_prompts"] == 48
     lambdas = [r["lambda"] for r in by_export["results"]]
-    assert lambdas == [[1.0 if i == k else 0.0 for i in range(4)] for k in range(4)] + [[0.25] * 4]
+    assert lambdas == [[1.0 if i == k else 0.0 for i in range(3)] for k in range(3)] + [[1 / 3] * 3]
     for r in by_export["results"]:
         assert set(r["metrics"]) == {"pairwise_accuracy", "ndcg", "kendall_tau"}
         assert all(0.0 <= r["metrics"]["pairwise_accuracy"][d] <= 1.0 for d in DIMENSIONS)
@@ -86,11 +137,11 @@ def test_eval_on_ray_data_matches_local_and_draws_the_plot(conditioned_run, caps
     on_ray = _eval_json(capsys, conditioned_run.export_dir, "--data", EVAL_DATA, "--plot", str(png),
                         "--points", "3")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(on_ray["results"]) == 3 * 2 + 1  # e1 -> e2 -> e3 -> e4, 3 points per edge
-    assert on_ray["results"][0]["lambda"] == [1.0, 0.0, 0.0, 0.0]
-    assert on_ray["results"][1]["lambda"] == [0.5, 0.5, 0.0, 0.0]
+    assert len(on_ray["results"]) == 3 * 2 - 1  # e1 -> e2 -> e3, 3 points per edge
+    assert on_ray["results"][0]["lambda"] == [1.0, 0.0, 0.0]
+    assert on_ray["results"][1]["lambda"] == [0.5, 0.5, 0.0]
     local = _eval_json(capsys, conditioned_run.export_dir, "--data", EVAL_DATA, "--local",
-                       "--lambda", "1,0,0,0", "--lambda", "0.5,0.5,0,0")
+                       "--lambda", "1,0,0", "--lambda", "0.5,0.5,0")
     assert _close(on_ray["results"][:2], local["results"])
 
 
@@ -105,9 +156,9 @@ def test_plain_transformers_gives_raypos_log_probs(conditioned_run, tiny_model_d
     from raypo.eval.models import resolve_eval_model
 
     model = resolve_eval_model(conditioned_run.export_dir)
-    lam = [0.1, 0.2, 0.3, 0.4]
+    lam = [0.2, 0.3, 0.5]
     rows, _, _ = build_rows(DataConfig(train_path=EVAL_DATA, eval_fraction=0.0), model.path)
-    spec = ScorerSpec(model.path, model.reference, model.conditioning.to_dict(), (tuple(lam), (1, 0, 0, 0)))
+    spec = ScorerSpec(model.path, model.reference, model.conditioning.to_dict(), (tuple(lam), (1, 0, 0)))
     policy, _ = ListScorer(spec).score(rows[:2])
     assert policy[0][0] != policy[0][1]  # the policy's log-probs depend on lambda
     tok = AutoTokenizer.from_pretrained(conditioned_run.export_dir)
@@ -115,7 +166,7 @@ def test_plain_transformers_gives_raypos_log_probs(conditioned_run, tiny_model_d
     row = rows[0]
     text = tok.apply_chat_template(json.loads(row["prompt_messages"]), preference_weights=lam,
                                    add_generation_prompt=True, tokenize=False)
-    assert "helpfulness 0.10, honesty 0.20" in text
+    assert "helpfulness 0.20, conciseness 0.30, politeness 0.50" in text
     prompt = tok(text, add_special_tokens=False)["input_ids"]
     for i, (resp, mask) in enumerate(zip(row["response_ids"], row["response_masks"])):
         ids = torch.tensor([prompt + list(resp)])
@@ -130,23 +181,22 @@ def test_generate_conditions_on_lambda(conditioned_run, capsys):
     from raypo.eval.generation import conditioned_rows
     from raypo.eval.models import resolve_eval_model
 
-    args = ["generate", conditioned_run.export_dir, "--lambda", "honesty=1", "--prompt",
-            "cats: what is 2 plus 3? Be brief.", "--max-new-tokens", "6", "--json"]
+    args = ["generate", conditioned_run.export_dir, "--lambda", "conciseness=1", "--prompt",
+            "cats: what is 2 plus 3?", "--max-new-tokens", "6", "--json"]
     capsys.readouterr()
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert first["lambda"] == [0.0, 1.0, 0.0, 0.0] and isinstance(first["response"], str)
+    assert first["lambda"] == [0.0, 1.0, 0.0] and isinstance(first["response"], str)
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first  # greedy: the same
     rows = conditioned_rows(resolve_eval_model(conditioned_run.export_dir),
-                            [{"prompt_id": "p", "prompt": [{"role": "user", "content": "hi"}]}], [0, 1, 0, 0])
-    assert rows[0]["prompt"][-1]["content"].endswith("honesty 1.00, instruction_following 0.00, "
-                                                      "truthfulness 0.00.")
+                            [{"prompt_id": "p", "prompt": [{"role": "user", "content": "hi"}]}], [0, 1, 0])
+    assert rows[0]["prompt"][-1]["content"].endswith("helpfulness 0.00, conciseness 1.00, politeness 0.00.")
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lambda", "0.5,0.5"], "2 weights but the model has 4 dimensions"),
-    (["--lambda", "0.9,0.9,0,0"], "not 1"),
+    (["--lambda", "0.5,0.5"], "2 weights but the model has 3 dimensions"),
+    (["--lambda", "0.9,0.9,0"], "not 1"),
 ])
 def test_bad_lambdas_are_refused(conditioned_run, capsys, args, message):
     assert main(["eval", conditioned_run.export_dir, "--data", EVAL_DATA, "--local", *args]) == 2

@@ -142,6 +142,12 @@ def test_the_training_path_never_turns_a_missing_entropy_into_phi_zero():
     lenient = Objective.from_config(_cfg("loss.dispersion_c=0.4", "loss.params.missing_entropy=mean"), None)
     out = lenient.loss(batch, policy, ref.logps, ref.dispersion, None, torch.device("cpu"))
     assert out.metrics["num_missing_entropy"].item() == 1.0 and out.denominator.item() == 3.0
+    # the training metrics carry the count, as a fraction of the step's prompts
+    from raypo.train.metrics import batch_metric_sums, finalize
+
+    sums = batch_metric_sums(lenient, batch, out, policy, ref, "train/", torch.device("cpu"))
+    logged = finalize(sums, "train/")
+    assert logged["train/missing_entropy_prompt_fraction"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.integration
