@@ -83,10 +83,11 @@ class GenerationEvalSettings:
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_prompt_rows(path: str, *, quarantine: Optional[str] = None, s3_cfg: Any = None, log=sys.stderr
+def load_prompt_rows(path: str, *, quarantine: Optional[str] = None, s3_cfg: Any = None, log=None
                      ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The usable prompt rows of ``path`` (:func:`raypo.data.generate.read_prompts`) and the rejected rows
     counted by reason; rejected rows are written to ``quarantine`` (JSONL) when given."""
+    log = log if log is not None else sys.stderr
     from raypo.data.generate import read_prompts
     from raypo.data.validate import quarantine_row, write_quarantine
 
@@ -245,12 +246,13 @@ def evaluate_by_generation(model: EvalModel, prompts: str,
                            scorers: Optional[Sequence[str]] = None, reference: Optional[str] = None,
                            settings: GenerationEvalSettings = GenerationEvalSettings(), local: bool = False,
                            quarantine: Optional[str] = None, responses_out: Optional[str] = None,
-                           generator: Any = None, log=sys.stderr) -> dict[str, Any]:
+                           generator: Any = None, log=None) -> dict[str, Any]:
     """Generate with ``model`` (at each lambda) and with its reference, rate both, compare: the
     ``"generation"`` object of the module docstring. ``lambdas`` default to each one-hot and the uniform
     lambda for a conditioned model; an unconditioned model is generated once. ``responses_out`` (JSONL)
     keeps every prompt's responses and ratings. ``generator(source, rows) -> [text]`` replaces the
     default (:class:`LocalGenerator` or :class:`RayGenerator`)."""
+    log = log if log is not None else sys.stderr
     from raypo.eval.generation import conditioned_rows
     from raypo.eval.steering import default_lambdas
     from raypo.model.loading import load_tokenizer

@@ -92,8 +92,10 @@ def score_rows_ray(spec: ScorerSpec, ds, batch_size: int) -> list[dict[str, Any]
 
 def evaluate_model(model: EvalModel, data: str, lambdas: Optional[list[list[float]]], *, local: bool = False,
                    data_format: str = "listwise", batch_size: int = 8, data_cfg: Optional[DataConfig] = None,
-                   log=sys.stderr) -> dict[str, Any]:
-    """Score ``data`` with ``model`` at every lambda; the JSON object of the module docstring."""
+                   log=None) -> dict[str, Any]:
+    """Score ``data`` with ``model`` at every lambda; the JSON object of the module docstring. Progress
+    and the data report go to ``log`` (default: the sys.stderr of the call)."""
+    log = log if log is not None else sys.stderr
     cfg = _data_config(data, data_format, data_cfg)
     lambdas = lambdas or default_lambdas(model.dimensions)
     spec = ScorerSpec(model_path=model.path, reference=model.reference,
