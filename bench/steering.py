@@ -120,12 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=1))
     md = markdown(results)
     args.out.with_suffix(".md").write_text(md)
-    from raypo.eval.steering import edge_lambdas, steering_plot
+    from raypo.eval.steering import along_path, steering_plot
 
-    cond = results["conditioned"]
-    by_lambda = {tuple(r["lambda"]): r for r in cond["results"]}
-    path = [by_lambda[tuple(lam)] for lam in edge_lambdas(cond["dimensions"], args.points)]
-    steering_plot({**cond, "results": path}, str(args.out.with_suffix(".png")))
+    steering_plot(along_path(results["conditioned"], args.points), str(args.out.with_suffix(".png")))
     print(md)
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
     return 0

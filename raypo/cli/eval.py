@@ -44,6 +44,7 @@ def _lambdas(args: argparse.Namespace, model: EvalModel) -> list[list[float]]:
 def eval_command(args: argparse.Namespace) -> int:
     from raypo.eval.steering import (
         EvalDataError,
+        along_path,
         edge_lambdas,
         evaluate_model,
         format_steering,
@@ -104,11 +105,8 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.steering:
         result["steering"] = steering_report(result, points=args.points)
     if args.plot:
-        plotted = result
-        if args.steering:  # the plot follows the path e_1 -> e_2 -> ... -> e_m, a subset of these lambdas
-            path = [tuple(lam) for lam in edge_lambdas(model.dimensions, points=args.points)]
-            by_lambda = {tuple(r["lambda"]): r for r in result["results"]}
-            plotted = {**result, "results": [by_lambda[lam] for lam in path]}
+        # with --steering the plot follows the path e_1 -> e_2 -> ... -> e_m, a subset of its lambdas
+        plotted = along_path(result, args.points) if args.steering else result
         result["plot"] = steering_plot(plotted, args.plot)
     if args.json:
         print(json.dumps(result))

@@ -195,6 +195,14 @@ def steering_lambdas(m: int, points: int = 5) -> list[list[float]]:
     return out
 
 
+def along_path(result: dict[str, Any], points: int = 5) -> dict[str, Any]:
+    """``result`` restricted to the path e_1 -> e_2 -> ... -> e_m (:func:`edge_lambdas`), in path order: what
+    :func:`steering_plot` draws from an evaluation at :func:`steering_lambdas`."""
+    by_lambda = {tuple(r["lambda"]): r for r in result["results"]}
+    path = [by_lambda[tuple(lam)] for lam in edge_lambdas(result["dimensions"], points=points)]
+    return {**result, "results": path}
+
+
 def steering_report(result: dict[str, Any], metric: str = "pairwise_accuracy", points: int = 5,
                     tolerance: float = 0.02) -> dict[str, Any]:
     """Whether an evaluation (:func:`evaluate_model` at :func:`steering_lambdas`) shows a model that steers.
