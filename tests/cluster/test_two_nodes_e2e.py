@@ -7,10 +7,13 @@ reference cache, the checkpoints and the export. ``scaling.placement_strategy=ST
 two workers on different nodes, and the nodes refuse (and log) any access to the driver's directories
 (``node_site/sitecustomize.py``).
 
-Scenario 2 kills ``node2``'s whole process group after a checkpoint; with ``checkpoint.max_failures=1``
-Ray Train restarts the worker group, which cannot be placed (STRICT_SPREAD needs two nodes) until the test
-starts a replacement node; the run resumes from the checkpoint on S3 and must end with the weights of the
-uninterrupted run to float32 rounding.
+One two-node run serves both scenarios (each costs minutes here). It kills ``node2``'s whole process group
+after a checkpoint; with ``checkpoint.max_failures=1`` Ray Train restarts the worker group, which cannot be
+placed (STRICT_SPREAD needs two nodes) until the test starts a replacement node; the run resumes from the
+checkpoint on S3. Scenario 1 checks what the run left on S3 and where its workers ran; scenario 2 that it
+recovered and ended with the weights of the same run uninterrupted -- trained once on the test session's
+single-node cluster from the same S3 inputs (two workers of one node: the same arithmetic as two workers of
+two nodes), to float32 rounding.
 """
 
 from __future__ import annotations
@@ -79,17 +82,57 @@ def assert_no_driver_paths(cluster: LocalCluster) -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(two_nodes, driver_dirs, s3_inputs, s3, tmp_path_factory):
-    """The uninterrupted two-node run: (driver log, exported weights, run prefix on S3)."""
-    name = "two_nodes"
-    log = tmp_path_factory.mktemp("logs") / "baseline.log"
-    started = time.monotonic()
-    proc = start_training(two_nodes, driver_dirs, run_overrides(s3_inputs, name), log)
-    text = wait_for_driver(proc, log)
-    print(f"baseline two-node run: {time.monotonic() - started:.1f}s")
+def uninterrupted(ray_cluster, s3_inputs, s3, tmp_path_factory):
+    """The exported weights of the run below without the node loss, on this session's one-node cluster
+    (its own reference cache, so the two-node run below computes its reference log-probs itself)."""
+    from raypo.config import load_config
+    from raypo.train.trainer import run_training
+
+    name = "uninterrupted"
+    cache = tmp_path_factory.mktemp("refcache")
+    overrides = [o for o in run_overrides(s3_inputs, name)
+                 if not o.startswith(("scaling.placement_strategy=", "train.reference_cache="))]
+    result = run_training(load_config(None, [*overrides, f"train.reference_cache={cache}"]))
     export = f"{s3_inputs.prefix}/runs/{name}/export"
-    weights = exported_weights(local_export(s3, export, tmp_path_factory.mktemp("baseline_export")))
-    return text, weights, f"{s3_inputs.prefix}/runs/{name}"
+    assert result.metrics["step"] == STEPS
+    return exported_weights(local_export(s3, export, tmp_path_factory.mktemp("uninterrupted_export")))
+
+
+@pytest.fixture(scope="module")
+def node_lost(two_nodes, driver_dirs, s3_inputs, s3, tmp_path_factory):
+    """The two-node run that loses node2 after its step-2 checkpoint: (driver log, run prefix on S3, the
+    node id of the replacement, the exported weights, the HOME of every worker node it used)."""
+    name = "node_lost"
+    homes = [two_nodes.nodes["node2"].home]
+    run_prefix = f"{s3_inputs.prefix}/runs/{name}".removeprefix("s3://")
+    log = tmp_path_factory.mktemp("logs") / "node_lost.log"
+    # Ray Train's wait for a worker group's resources (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by
+    # default) shortened, to show what happens when it runs out before a node comes back
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(START_TIMEOUT_S)}
+    started = time.monotonic()
+    proc = start_training(two_nodes, driver_dirs, run_overrides(s3_inputs, name)
+                          + ["checkpoint.max_failures=1"], log, env=env)
+    try:
+        wait_for_checkpoint(s3, run_prefix, step=2, proc=proc, log=log)
+        two_nodes.kill_node("node2")  # the machine is gone: raylet, workers, object store
+        killed_at = time.monotonic()
+        fs = s3.s3fs()
+        fs.invalidate_cache()
+        assert not fs.exists(f"{run_prefix}/step_{STEPS:08d}"), "the run finished before node2 was killed"
+        two_nodes.wait_for_nodes(1, timeout=60)  # the head notices the loss
+        wait_for_log(log, "[FailurePolicy] RETRY", proc)  # the lost workers: one of checkpoint.max_failures
+        # No node comes back within the timeout: the start times out, and Ray Train retries (a controller
+        # failure, unlimited by default) instead of failing the run; it keeps waiting
+        wait_for_log(log, f"timed out after {float(START_TIMEOUT_S)} seconds waiting for 2 workers", proc)
+        wait_for_log(log, "[FailurePolicy] RETRY", proc, count=2)
+        homes.append(two_nodes.start_node("node2b", cpus=2).home)  # a replacement machine joins
+        text = wait_for_driver(proc, log)
+    finally:
+        stop_driver(proc)
+    print(f"two-node run: {time.monotonic() - started:.1f}s, recovered {time.monotonic() - killed_at:.1f}s "
+          "after the kill")
+    export = local_export(s3, f"s3://{run_prefix}/export", tmp_path_factory.mktemp("node_lost_export"))
+    return text, f"s3://{run_prefix}", replacement_node_id(two_nodes), exported_weights(export), homes
 
 
 def test_the_guard_refuses_a_driver_local_path_on_every_node(two_nodes, driver_dirs):
@@ -118,9 +161,9 @@ def test_the_guard_refuses_a_driver_local_path_on_every_node(two_nodes, driver_d
     two_nodes.violations.unlink()  # the training test below starts from a clean log
 
 
-def test_two_workers_on_two_nodes_train_checkpoint_and_export_through_s3(baseline, two_nodes, s3,
+def test_two_workers_on_two_nodes_train_checkpoint_and_export_through_s3(node_lost, two_nodes, s3,
                                                                          s3_inputs, driver_dirs):
-    text, weights, run_prefix = baseline
+    text, run_prefix, _, weights, homes = node_lost
     assert "reference cache miss" in text or "reference" in text
     fs = s3.s3fs()
     fs.invalidate_cache()
@@ -129,50 +172,25 @@ def test_two_workers_on_two_nodes_train_checkpoint_and_export_through_s3(baselin
     assert any(k.endswith("export/model.safetensors") for k in keys), keys
     assert fs.find(f"{s3_inputs.prefix.removeprefix('s3://')}/refcache"), "no reference cache on S3"
     assert weights and all(t.abs().sum() > 0 for t in weights.values())
-    # the two training workers ran on two different nodes
+    # each worker group ran on two nodes: the first on the head and node2, the restarted one on the head
+    # and node2b
     workers = two_nodes.actors("RayTrainWorker")
-    assert len({w["node_id"] for w in workers}) == 2, workers
-    # node2 fetched the model from S3 into its own home, not through the driver's files
-    assert any((two_nodes.nodes["node2"].home / ".cache").rglob("config.json"))
+    assert len({w["node_id"] for w in workers}) == 3, workers
+    # the other nodes fetched the model from S3 into their own homes, not through the driver's files
+    for home in homes:
+        assert any((home / ".cache").rglob("config.json")), home
     assert not (driver_dirs.cwd / "s3:").exists()  # an s3:// export is not a local directory named s3:
     assert_no_driver_paths(two_nodes)
 
 
-def test_node_lost_after_a_checkpoint_resumes_on_a_new_node_to_the_same_weights(
-        baseline, two_nodes, driver_dirs, s3_inputs, s3, tmp_path):
-    _, weights, _ = baseline
-    name = "node_lost"
-    run_prefix = f"{s3_inputs.prefix}/runs/{name}".removeprefix("s3://")
-    log = tmp_path / "node_lost.log"
-    # Ray Train's wait for a worker group's resources (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by
-    # default) shortened, to show what happens when it runs out before a node comes back
-    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(START_TIMEOUT_S)}
-    proc = start_training(two_nodes, driver_dirs, run_overrides(s3_inputs, name)
-                          + ["checkpoint.max_failures=1"], log, env=env)
-    try:
-        wait_for_checkpoint(s3, run_prefix, step=2, proc=proc, log=log)
-        two_nodes.kill_node("node2")  # the machine is gone: raylet, workers, object store
-        killed_at = time.monotonic()
-        fs = s3.s3fs()
-        fs.invalidate_cache()
-        assert not fs.exists(f"{run_prefix}/step_{STEPS:08d}"), "the run finished before node2 was killed"
-        two_nodes.wait_for_nodes(1, timeout=60)  # the head notices the loss
-        wait_for_log(log, "[FailurePolicy] RETRY", proc)  # the lost workers: one of checkpoint.max_failures
-        # No node comes back within the timeout: the start times out, and Ray Train retries (a controller
-        # failure, unlimited by default) instead of failing the run; it keeps waiting
-        wait_for_log(log, f"timed out after {float(START_TIMEOUT_S)} seconds waiting for 2 workers", proc)
-        wait_for_log(log, "[FailurePolicy] RETRY", proc, count=2)
-        two_nodes.start_node("node2b", cpus=2)  # a replacement machine joins
-        text = wait_for_driver(proc, log)
-    finally:
-        stop_driver(proc)
-    print(f"recovered {time.monotonic() - killed_at:.1f}s after the kill")
+def test_node_lost_after_a_checkpoint_resumes_on_a_new_node_to_the_same_weights(node_lost, uninterrupted,
+                                                                                two_nodes):
+    text, _, replacement, weights, _ = node_lost
     assert "raypo: resuming from" in text, text[-4000:]
-    export = local_export(s3, f"s3://{run_prefix}/export", tmp_path / "export")
-    assert max_abs_diff(exported_weights(export), weights) < TOLERANCE
+    assert max_abs_diff(weights, uninterrupted) < TOLERANCE
     # the restarted worker group used the replacement node
     workers = two_nodes.actors("RayTrainWorker")
-    assert replacement_node_id(two_nodes) in {w["node_id"] for w in workers}, workers
+    assert replacement in {w["node_id"] for w in workers}, workers
     assert_no_driver_paths(two_nodes)
 
 
