@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -73,12 +74,16 @@ def build_data(cache: Path, mode: str, seed: int) -> tuple[Path, Path]:
     return train, held
 
 
-def train_loss(loss: str, train: Path, out: Path, mode: str) -> tuple[str, float]:
-    """One training run with the shared budget; returns (export dir, wall seconds)."""
+def train_loss(loss: str, train: Path, out: Path, mode: str, reuse: bool = False) -> tuple[str, float]:
+    """One training run with the shared budget; returns (export dir, wall seconds). With ``reuse``, a run
+    of an earlier invocation whose export is complete is taken as it is (its recorded wall time)."""
     _, _, _, new_tokens, steps, micro = SIZES[mode]
+    export = out / loss / "export"
+    summary = out / loss / "raypo_summary.json"
+    if reuse and (export / "raypo_model.json").exists() and summary.exists():
+        return str(export), float(json.loads(summary.read_text())["wall_s"])
     config = out / "bench_alignment.yaml"
     config.write_text("deepspeed:\n  zero_stage: 3\nscaling:\n  num_workers: 1\n  use_gpu: false\n")
-    export = out / loss / "export"
     start = time.time()
     _cli("train", config, f"model.path={MODEL}", "model.dtype=float32", "model.lora.enabled=true",
          "model.lora.r=8", "model.lora.alpha=16", f"data.train_path={train}", "data.eval_fraction=0.0",
@@ -117,19 +122,53 @@ def response_logps(model_dir: str, rows: list[dict]) -> list[list[float]]:
     return out
 
 
-def pairwise_accuracy(rewards: list[list[float]], scores: list[list[list]], dim: int) -> tuple[float, int]:
-    """Accuracy over the pairs with different (non-null) ratings on ``dim``; ties of the reward count 0.5."""
+def pairwise_accuracy_against(rewards: list[list[float]], targets: list[list]) -> tuple[float, int]:
+    """Accuracy of ``rewards`` over the pairs of a prompt's responses with different (non-null)
+    ``targets``: 1 when the rewards order the pair like the targets, 0.5 on a tie of the rewards, 0
+    otherwise; returns (accuracy, number of pairs)."""
     total, pairs = 0.0, 0
-    for r, s in zip(rewards, scores):
+    for r, t in zip(rewards, targets):
         for i in range(len(r)):
             for j in range(i + 1, len(r)):
-                a, b = s[i][dim], s[j][dim]
+                a, b = t[i], t[j]
                 if a is None or b is None or a == b:
                     continue
                 pairs += 1
                 d = (r[i] - r[j]) * (1 if a > b else -1)
                 total += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
     return (total / pairs if pairs else float("nan")), pairs
+
+
+def pairwise_accuracy(rewards: list[list[float]], scores: list[list[list]], dim: int) -> tuple[float, int]:
+    """Accuracy over the pairs with different (non-null) ratings on ``dim``; ties of the reward count 0.5."""
+    return pairwise_accuracy_against(rewards, [[s[dim] for s in row] for row in scores])
+
+
+def mean_ratings(scores: list[list[list]]) -> list[list]:
+    """Each response's mean over its rated dimensions (None when it has no rating): the preference every
+    listed loss trains towards under uniform lambda -- the expectation of the lambda-weighted mean over the
+    ``lambdas.schedule: uniform`` draws, and the mean the pairwise losses pick best and worst by."""
+    out = []
+    for row in scores:
+        means = []
+        for s in row:
+            rated = [v for v in s if v is not None]
+            means.append(sum(rated) / len(rated) if rated else None)
+        out.append(means)
+    return out
+
+
+def overall_accuracy(rewards: list[list[float]], scores: list[list[list]]) -> tuple[float, int]:
+    """Held-out accuracy on the trained preference: pairs ordered by :func:`mean_ratings`."""
+    return pairwise_accuracy_against(rewards, mean_ratings(scores))
+
+
+def ceiling_accuracy(scores: list[list[list]], dim: int) -> float:
+    """The accuracy on ``dim`` of a policy whose rewards order every list exactly by the mean rating: the
+    most a learner of the trained preference gets on that dimension, below 1 where ``dim`` conflicts with
+    the others (mean-rating ties count 0.5, as reward ties do)."""
+    means = [[-math.inf if m is None else m for m in row] for row in mean_ratings(scores)]
+    return pairwise_accuracy(means, scores, dim)[0]
 
 
 class ReferenceOnce:
@@ -176,14 +215,21 @@ def markdown_table(results: dict) -> str:
     lines = [f"Cells list the dimensions in the order {short}. Held-out: {sizes['heldout_prompts']} prompts "
              f"({g0['num_prompts']} generated per model, greedy, at most {sizes['max_new_tokens']} new "
              "tokens).", "",
-             "| loss | held-out pairwise accuracy of implicit rewards | generation score (reference: "
+             "| loss | held-out accuracy on the mean rating (the trained preference) | held-out pairwise "
+             "accuracy of implicit rewards, per dimension | generation score (reference: "
              f"{_cells(g0['mean_score'], dims)}) | win rate vs reference | mean length, words (tokens) | "
-             "train time |", "|---|---|---|---|---|---|",
-             f"| reference | {_cells(ref['heldout_pairwise_accuracy'], dims)} | "
+             "train time |", "|---|---|---|---|---|---|---|",
+             f"| reference | {ref.get('heldout_overall_accuracy', 0.5):.3f} | "
+             f"{_cells(ref['heldout_pairwise_accuracy'], dims)} | "
              f"{_cells(g0['mean_score'], dims)} | 0.500 by definition | {_length(g0)} | - |"]
+    if results.get("ceiling"):
+        lines.append("| ranking by the mean rating itself (the ceiling) | 1.000 | "
+                     f"{_cells(results['ceiling'], dims)} | - | - | - | - |")
     for loss, r in results["losses"].items():
         g = r["generation"]
-        lines.append(f"| {loss} | {_cells(r['heldout_pairwise_accuracy'], dims)} | "
+        overall = r.get("heldout_overall_accuracy")
+        overall = "-" if overall is None else f"{overall:.3f} ({r['overall_pairs']} pairs)"
+        lines.append(f"| {loss} | {overall} | {_cells(r['heldout_pairwise_accuracy'], dims)} | "
                      f"{_cells(g['mean_score'], dims)} | {_cells(g['win_rate'], dims)} | {_length(g)} | "
                      f"{r['train_s']:.0f} s |")
     lines += ["", "Per loss and dimension, the generations against the reference's on the same prompts "
@@ -215,9 +261,12 @@ def plot(results: dict, out_png: str) -> str:
     dims, losses = results["dimensions"], list(results["losses"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(1, len(losses))
+    groups = ["mean rating", *dims]
     for i, loss in enumerate(losses):
-        acc = results["losses"][loss]["heldout_pairwise_accuracy"]
-        ax1.bar([k + i * width for k in range(len(dims))], [acc[d] for d in dims], width, label=loss)
+        r = results["losses"][loss]
+        acc = r["heldout_pairwise_accuracy"]
+        values = [r.get("heldout_overall_accuracy", math.nan), *(acc[d] for d in dims)]
+        ax1.bar([k + i * width for k in range(len(groups))], values, width, label=loss)
     ax1.axhline(0.5, color="k", lw=1, ls="--", label="reference (0.5)")
     ax1.set_title("held-out pairwise accuracy of implicit rewards")
     names = ["reference", *losses]
@@ -229,8 +278,8 @@ def plot(results: dict, out_png: str) -> str:
                 label=name, color="0.6" if name == "reference" else None)
     ax2.set_title(f"mean score of greedy generations ({results['reference']['generation']['num_prompts']} "
                   "held-out prompts)")
-    for ax, w, n in ((ax1, width, len(losses)), (ax2, width2, len(names))):
-        ax.set_xticks([k + w * (n - 1) / 2 for k in range(len(dims))], dims, fontsize=8)
+    for ax, w, n, labels in ((ax1, width, len(losses), groups), (ax2, width2, len(names), dims)):
+        ax.set_xticks([k + w * (n - 1) / 2 for k in range(len(labels))], labels, fontsize=8)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
     ax1.legend(fontsize=7)
@@ -269,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/raypo/bench_alignment"))
     p.add_argument("--out", default="bench/results/alignment.json")
     p.add_argument("--write-doc", action="store_true", help="put the table into docs/alignment.md")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="evaluate the runs an earlier invocation left in --cache instead of training again")
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     t0 = time.time()
@@ -285,15 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     results = {"mode": mode, "seed": args.seed, "sizes": dict(zip(
         ("train_prompts", "heldout_prompts", "num_responses", "max_new_tokens", "steps", "micro_batch"),
         SIZES[mode])), "dimensions": dims,
-        "reference": {"heldout_pairwise_accuracy": {d: 0.5 for d in dims}}, "losses": {}}
+        "reference": {"heldout_pairwise_accuracy": {d: 0.5 for d in dims}, "heldout_overall_accuracy": 0.5},
+        "ceiling": {d: round(ceiling_accuracy(scores, k), 4) for k, d in enumerate(dims)},
+        "reused_runs": args.reuse_runs, "losses": {}}
     runs = train.parent / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     generator = None
     for loss in args.losses:
-        export, wall = train_loss(loss, train, runs, mode)
+        export, wall = train_loss(loss, train, runs, mode, reuse=args.reuse_runs)
         pol = response_logps(export, rows)
         rewards = [[a - b for a, b in zip(pr, rr)] for pr, rr in zip(pol, ref)]
         acc = {d: pairwise_accuracy(rewards, scores, k) for k, d in enumerate(dims)}
+        overall, overall_pairs = overall_accuracy(rewards, scores)
         model = resolve_eval_model(export)
         if generator is None:
             generator = ReferenceOnce(settings, model.card.get("reference") or MODEL)
@@ -306,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             "source", "mean_score", "mean_words", "mean_tokens")} | {"num_prompts": gen["num_prompts"]}
         results["losses"][loss] = {
             "train_s": round(wall, 1),
+            "heldout_overall_accuracy": round(overall, 4), "overall_pairs": overall_pairs,
             "heldout_pairwise_accuracy": {d: round(a, 4) for d, (a, _) in acc.items()},
             "pairs": {d: n for d, (_, n) in acc.items()},
             "generation": {k: first[k] for k in GEN_KEYS} | {"eval_s": round(time.time() - t_gen, 1)}}

@@ -25,6 +25,20 @@ def test_pairs_with_different_ratings_count_and_reward_ties_are_half(alignment) 
     assert alignment.pairwise_accuracy([[0.0, 0.0, 3.0]], scores, 1) == (1.0, 2)
 
 
+def test_overall_accuracy_orders_by_the_mean_rating_and_the_ceiling_shows_the_conflict(alignment) -> None:
+    # two dimensions that disagree on pair (0, 1); response 2 has no rating on dimension 1
+    scores = [[[1.0, 0.0], [0.0, 0.5], [0.0, None]]]
+    assert alignment.mean_ratings(scores) == [[0.5, 0.25, 0.0]]
+    assert alignment.overall_accuracy([[3.0, 2.0, 1.0]], scores) == (1.0, 3)
+    assert alignment.overall_accuracy([[1.0, 2.0, 3.0]], scores) == (0.0, 3)
+    assert alignment.overall_accuracy([[0.0, 0.0, 0.0]], scores) == (0.5, 3)  # the reference
+    # ordered by the mean rating: dimension 0 right on both its pairs, dimension 1 wrong on its one pair
+    assert alignment.ceiling_accuracy(scores, 0) == 1.0
+    assert alignment.ceiling_accuracy(scores, 1) == 0.0
+    # a tie of the mean rating counts half, as a tie of the rewards does
+    assert alignment.ceiling_accuracy([[[1.0, 0.0], [0.0, 1.0]]], 0) == 0.5
+
+
 def test_every_listed_loss_exists(alignment) -> None:
     from raypo.losses.registry import list_losses
 
@@ -39,10 +53,13 @@ def _results(dims: list[str]) -> dict:
     gen["win_rate"][dims[1]], gen["mean_score"][dims[1]] = 0.25, 0.0
     return {"mode": "smoke", "sizes": {"heldout_prompts": 4, "max_new_tokens": 8, "steps": 1},
             "dimensions": dims,
+            "ceiling": {d: 0.9 for d in dims},
             "reference": {"heldout_pairwise_accuracy": {d: 0.5 for d in dims},
+                          "heldout_overall_accuracy": 0.5,
                           "generation": {"num_prompts": 4, "mean_score": {d: 0.25 for d in dims},
                                          "mean_words": 7.0, "mean_tokens": 9.0, "source": "ref"}},
             "losses": {"dpo": {"train_s": 12.0, "heldout_pairwise_accuracy": {d: 0.6 for d in dims},
+                               "heldout_overall_accuracy": 0.7, "overall_pairs": 10,
                                "generation": gen}}}
 
 
@@ -50,8 +67,11 @@ def test_the_table_says_per_dimension_whether_generations_beat_the_reference(ali
                                                                               curve_pixels) -> None:
     results = _results(["correctness", "conciseness"])
     table = alignment.markdown_table(results)
-    assert "| dpo | 0.600 / 0.600 | 0.500 / 0.000 | 0.750 / 0.250 | 3.0 (5.0) | 12 s |" in table
-    assert "| reference | 0.500 / 0.500 | 0.250 / 0.250 | 0.500 by definition | 7.0 (9.0) | - |" in table
+    assert ("| dpo | 0.700 (10 pairs) | 0.600 / 0.600 | 0.500 / 0.000 | 0.750 / 0.250 | 3.0 (5.0) | 12 s |"
+            in table)
+    assert ("| reference | 0.500 | 0.500 / 0.500 | 0.250 / 0.250 | 0.500 by definition | 7.0 (9.0) | - |"
+            in table)
+    assert "(the ceiling) | 1.000 | 0.900 / 0.900 |" in table
     assert "better: +0.250, win 0.750 (2/1/1 of 4)" in table and "worse: -0.250, win 0.250" in table
     png = alignment.plot(results, str(tmp_path / "a.png"))
     assert curve_pixels(open(png, "rb").read()) > 0
