@@ -145,9 +145,10 @@ def pairwise_accuracy(rewards: list[list[float]], scores: list[list[list]], dim:
 
 
 def mean_ratings(scores: list[list[list]]) -> list[list]:
-    """Each response's mean over its rated dimensions (None when it has no rating): the preference every
-    listed loss trains towards under uniform lambda -- the expectation of the lambda-weighted mean over the
-    ``lambdas.schedule: uniform`` draws, and the mean the pairwise losses pick best and worst by."""
+    """Each response's mean over its rated dimensions (None when it has no rating): the expectation of the
+    lambda-weighted mean rating over ``lambdas.schedule: uniform`` draws. The pairwise losses pick best and
+    worst by a close relative, ``mean_k p*(k)`` (:func:`raypo.losses.labels.aggregate_ratings`), which
+    first normalises each dimension over the list; the two can order a pair differently."""
     out = []
     for row in scores:
         means = []
