@@ -197,6 +197,10 @@ def sweep_blocks(sweep: SweepArtifacts) -> list[Block]:
 
 
 def _number(text: Any) -> Any:
+    """A CSV cell as a number when it is one; Python's float() also reads "96849_00001" (digits grouped by
+    underscores), which is a Tune trial id, so a cell with an underscore stays text."""
+    if isinstance(text, str) and "_" in text:
+        return text
     try:
         return float(text)
     except (TypeError, ValueError):

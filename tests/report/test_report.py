@@ -101,16 +101,17 @@ def test_sweep_report_has_the_trials_table_and_a_curve_per_trial(tmp_path, curve
     (sweep / "results").mkdir(parents=True)
     (sweep / "raypo_sweep.yaml").write_text("tune:\n  metric: eval/loss\n")
     (sweep / "results" / "results.csv").write_text(
-        "trial_id,status,loss.beta,eval/loss\na,completed,0.1,0.5\nb,completed,0.2,0.7\n")
+        # Tune's trial ids can be all digits around the underscore, which Python's float() would read
+        "trial_id,status,loss.beta,eval/loss\n96849_00000,completed,0.1,0.5\n96849_00001,completed,0.2,0.7\n")
     (sweep / "results" / "best_config.yaml").write_text("loss:\n  beta: 0.1\n")
-    for i, trial in enumerate(("trial_a", "trial_b")):
+    for i, trial in enumerate(("trial_96849_00000", "trial_96849_00001")):
         (sweep / "train_runs" / trial).mkdir(parents=True)
         (sweep / "train_runs" / trial / "metrics.jsonl").write_text(
             "".join(json.dumps({"step": s, "eval/loss": 1.0 - 0.1 * s - i}) + "\n" for s in range(3)))
     out = tmp_path / "sweep.html"
     assert main(["report", str(sweep), "--out", str(out)]) == 0
     page = out.read_text()
-    assert "<td>a</td><td>completed</td><td>0.1</td><td>0.5</td>" in page
+    assert "<td>96849_00000</td><td>completed</td><td>0.1</td><td>0.5</td>" in page
     assert "beta: 0.1" in page
     img = re.search(r"alt='trials eval loss' src='data:image/png;base64,([^']+)'", page)
     assert img and curve_pixels(base64.b64decode(img.group(1))) > 100
