@@ -6,9 +6,11 @@
 
     load_config(CONFIG)         the base config
       | plan_sweep              name, storage, search space checked and parsed (raypo.tune.space)
-      | prepare_shared_reference   reference log-probs computed ONCE into raypo.train.reference_cache
+      | prepare_shared_reference   data tokenised and reference log-probs computed ONCE (the latter into
+      |                            raypo.train.reference_cache); the datasets are handed to every trial
       | Tuner(run_trial) / Tuner.restore(...)
-      |     run_trial: trial config = base + sampled overrides; build_trainer(..., TuneReportCallback) .fit()
+      |     run_trial: trial config = base + sampled overrides; build_trainer(..., TuneReportCallback,
+      |                shared datasets) .fit()
       | results_table           one row per trial: config, status, last and best metric (raypo.tune.results)
       v
     <sweep>/results/results.csv, best_config.yaml (ready for `raypo train`), metric_vs_*.png
@@ -33,9 +35,10 @@ Shared reference log-probs
     any trial starts, into the cache of :mod:`raypo.train.reference_cache` (``train.reference_cache``,
     default ``<tune storage>/reference_cache``; entries keyed by the reference model's file contents, the
     tokenised rows and the stage settings, with entropies when any loss of the sweep is a MallowsPO one).
-    Every trial then trains with ``train.reference=precomputed`` on that cache: it tokenises its data
-    (cheap) and joins the cached columns by row digest, so the reference model never runs in a trial, and
-    a resumed sweep or another sweep on the same model and data finds the entries already there.
+    Every trial then trains with ``train.reference=precomputed`` on the datasets the driver prepared (the
+    tokenised rows with the reference columns, held in Ray's object store for the sweep): no trial reads,
+    tokenises or scores the data again, and a resumed sweep (a new driver) or another sweep on the same
+    model and data finds the cache entries already there.
 
 Resume
     The sweep is named ``checkpoint.run_name`` (default ``tune-<config file stem>``) and lives at
@@ -55,7 +58,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from raypo.config import RaypoConfig, to_dict, to_yaml
 from raypo.errors import ConfigError
@@ -70,8 +73,12 @@ from raypo.tune.space import (
 )
 from raypo.tune.trials import TrialSetup, make_trainable, trial_dirname, trial_history
 
+if TYPE_CHECKING:
+    from raypo.train.trainer import PreparedDatasets
+
 #: keys whose change alters the tokenised data or the reference log-probs (no shared cache then)
-REFERENCE_KEYS = ("model", "data", "train.reference", "scaling.use_gpu")
+REFERENCE_KEYS = ("model", "data", "train.reference", "train.reference_cache", "train.reference_batching",
+                  "scaling.use_gpu")
 
 # ----------------------------------------------------------------------------------------------------
 # The sweep: name, storage, resources
@@ -207,26 +214,32 @@ def reference_cache_dir(sweep: Sweep) -> str:
         f"{sweep.storage.rstrip('/')}/reference_cache"
 
 
-def prepare_shared_reference(sweep: Sweep) -> Optional[str]:
-    """Score the sweep's data with the reference model once, into the reference cache the trials read
-    (:func:`raypo.train.reference_cache.cached_reference_logprobs`; a resumed sweep finds it there); returns
-    the cache directory, or None when trials do not share it (printed with the reason). Needs Ray."""
+def prepare_shared_reference(sweep: Sweep) -> tuple[Optional[str], Optional[PreparedDatasets]]:
+    """Tokenise the sweep's data and score it with the reference model once, into the reference cache
+    (:func:`raypo.train.reference_cache.cached_reference_logprobs`; a resumed sweep finds it there).
+
+    Returns (cache directory, the prepared datasets): the trials train on these datasets as they are (no
+    trial reads or tokenises the data again); (None, None) when trials do not share them (printed with the
+    reason). The datasets' blocks live in Ray's object store, owned by this driver, for the sweep's
+    lifetime. Needs Ray."""
     from raypo.train.trainer import prepare_datasets
 
     share, with_entropy, why = share_decision(sweep)
     if not share:
         print(f"raypo: reference log-probs: {why}", flush=True)
-        return None
+        return None, None
     cfg = sweep.cfg
     cache_dir = reference_cache_dir(sweep)
     print(f"raypo: reference log-probs: preparing them once for all trials (cache {cache_dir})", flush=True)
     start = time.time()
     before = _cache_entries(cache_dir, cfg.data.s3)
-    prepare_datasets(cfg, reference_cache=cache_dir, with_entropy=with_entropy)
+    prepared = prepare_datasets(cfg, reference_cache=cache_dir, with_entropy=with_entropy)
     new = len(_cache_entries(cache_dir, cfg.data.s3) - before)
     how = f"computed {new} cache entries" if new else "found in the cache"
-    print(f"raypo: reference log-probs: {how} in {time.time() - start:.1f} s", flush=True)
-    return cache_dir
+    print(f"raypo: reference log-probs: {how} in {time.time() - start:.1f} s; the tokenised data is shared "
+          "by every trial", flush=True)
+    # MallowsPO's c depends on each trial's loss settings: every trial calibrates its own
+    return cache_dir, replace(prepared, dispersion=None)
 
 
 def _cache_entries(cache_dir: str, s3_cfg: Any) -> set[str]:
@@ -360,8 +373,9 @@ def run_sweep(sweep: Sweep, *, resume: bool = False):
             check_resume_config(sweep, stored)
     elif resume:
         print(f"raypo: nothing to resume at {sweep.uri}; starting the sweep", flush=True)
+    reference_cache, shared_data = prepare_shared_reference(sweep)
     setup = TrialSetup(base=base_for_trials(cfg), dims=sweep.dims, train_runs=sweep.train_runs,
-                       metric=cfg.tune.metric, reference_cache=prepare_shared_reference(sweep),
+                       metric=cfg.tune.metric, reference_cache=reference_cache, shared_data=shared_data,
                        group=sweep.name)
     if exists:
         print(f"raypo: resuming the sweep at {sweep.uri} (finished trials are kept)", flush=True)

@@ -24,6 +24,9 @@ class TrialSetup:
     train_runs: str  # storage of the trials' Train runs
     metric: str
     reference_cache: Optional[str]  # the shared reference cache, or None: trials keep train.reference
+    # the driver's tokenised datasets with the reference columns (raypo.train.trainer.PreparedDatasets,
+    # without MallowsPO's c), set with reference_cache; None: each trial prepares its own data
+    shared_data: Optional[Any] = None
     group: Optional[str] = None  # the sweep's name: the tracker group of every trial (logging.group)
 
 
@@ -76,7 +79,24 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     print(f"raypo: trial {trial_id}: {describe_point(point)}", flush=True)
     # report_metric: every logged row carrying the metric reaches Tune (ASHA's rungs are steps), not only
     # the ones the loop's time-based reporting would send
-    build_trainer(cfg, callbacks=[metric_report_callback(setup.metric)], report_metric=setup.metric).fit()
+    build_trainer(cfg, callbacks=[metric_report_callback(setup.metric)], report_metric=setup.metric,
+                  precomputed_datasets=shared_data_for(cfg, setup.shared_data)).fit()
+
+
+def shared_data_for(cfg: RaypoConfig, shared: Optional[Any]) -> Optional[Any]:
+    """The sweep's shared datasets with this trial's MallowsPO calibration (its loss settings decide c;
+    the reference entropies are in the datasets); None when the sweep shares none."""
+    if shared is None:
+        return None
+    from dataclasses import replace
+
+    from raypo.train.dispersion import resolve_dispersion
+    from raypo.train.trainer import model_sources
+
+    print(f"raypo: data: the sweep's tokenised datasets ({shared.train.count()} train, "
+          f"{shared.eval.count()} eval rows, reference columns included)", flush=True)
+    _, ref_path = model_sources(cfg)
+    return replace(shared, dispersion=resolve_dispersion(cfg, shared.train, ref_path, scored=True))
 
 
 def trial_dirname(trial) -> str:

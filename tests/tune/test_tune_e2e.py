@@ -193,6 +193,10 @@ def test_killed_sweep_resumes_keeping_finished_trials_and_continuing_the_rest(sw
 def test_reference_log_probs_were_computed_once_for_all_trials(sweep):
     assert "reference log-probs: computed 2 cache entries" in sweep["first"]
     assert "reference log-probs: found in the cache" in sweep["resumed"]
+    # the data was read and tokenised once per driver: every trial trained on the driver's datasets
+    for log, trials in ((sweep["first"], 4), (sweep["resumed"], 1)):
+        assert log.count("raypo: data train (read, validate, tokenize)") == 1
+        assert log.count("raypo: data: the sweep's tokenised datasets (36 train, 12 eval rows") == trials
     cache = sweep["storage"] / "reference_cache"
     entries = [p for p in cache.iterdir() if p.is_dir()]
     assert len(entries) == 2  # train and eval splits
