@@ -83,19 +83,23 @@ def _s3_keys(s3, prefix: str) -> list[str]:
     return s3.s3fs().find(f"{s3.bucket}/{prefix}")
 
 
-def test_driver_stopped_mid_run_resumes_from_s3(baseline, s3, tiny_model_dir, tmp_path):
+def test_driver_stopped_mid_run_resumes_from_s3(baseline, ray_cluster, s3, tiny_model_dir, tmp_path):
     """`raypo train` with checkpoints on the loopback S3 endpoint, killed after its second checkpoint, then
-    run again with the same command: it continues from that checkpoint and ends where the baseline does."""
+    run again with the same command: it continues from that checkpoint and ends where the baseline does.
+    Both drivers attach to the session's running cluster (a driver restarted on a long-lived cluster); the
+    killed driver's job, its Train controller and workers, is torn down by the cluster."""
     _, weights = baseline
+    address = ray_cluster.get_runtime_context().gcs_address
     storage = f"s3://{s3.bucket}/driver_restart"
     overrides = base_overrides(tiny_model_dir, storage, "restart")
     overrides = [o for o in overrides if not o.startswith("checkpoint.export_path")]
     overrides.append(f"checkpoint.export_path={tmp_path / 'export'}")
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump({}))
-    cmd = [sys.executable, "-m", "raypo.cli", "train", str(cfg_path), *overrides, "ray.num_cpus=2"]
+    cmd = [sys.executable, "-m", "raypo.cli", "train", str(cfg_path), *overrides, f"ray.address={address}"]
+    env = {**os.environ, "RAY_ADDRESS": address}  # where Ray's State API (Train's cleaner) looks
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
@@ -114,7 +118,7 @@ def test_driver_stopped_mid_run_resumes_from_s3(baseline, s3, tiny_model_dir, tm
     keys = _s3_keys(s3, "driver_restart/restart")
     assert not any("step_00000004" in k for k in keys), "the first run finished before it was stopped"
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming from" in second.stdout + second.stderr
     assert max_abs_diff(exported_weights(str(tmp_path / "export")), weights) < TOLERANCE
