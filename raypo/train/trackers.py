@@ -64,7 +64,7 @@ class TensorBoardTracker:
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for key, value in scalars(metrics).items():
-            self.writer.add_scalar(key, value, step)
+            self.writer.add_scalar(tracker_metric_name(key), value, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -93,8 +93,9 @@ def mlflow_tracking_uri(cfg: RaypoConfig) -> str:
     return f"sqlite:///{os.path.abspath(base)}/mlflow.db"
 
 
-def mlflow_metric_name(key: str) -> str:
-    """``key`` as MLflow allows it (alphanumerics and ``_-. :/``): ``train/ndcg@1`` -> ``train/ndcg_at_1``."""
+def tracker_metric_name(key: str) -> str:
+    """``key`` as MLflow and TensorBoard allow it (alphanumerics and ``_-. :/``; TensorBoard would warn and
+    write ``train/ndcg_1``): ``train/ndcg@1`` -> ``train/ndcg_at_1``, the same name in both."""
     key = key.replace("@", "_at_")
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
 
@@ -130,7 +131,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(mlflow_metric_name(k), v, now, step) for k, v in scalars(metrics).items()]
+        batch = [Metric(tracker_metric_name(k), v, now, step) for k, v in scalars(metrics).items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 

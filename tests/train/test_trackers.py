@@ -103,11 +103,29 @@ def test_wandb_offline_run_file_holds_the_config_group_and_history(tmp_path, mon
         (1, 1.0, 0.25), (2, 0.5, 0.5)]
 
 
+def tensorboard_scalars(event_file) -> dict[str, tuple[int, float]]:
+    """{tag: (step, value)} of a TensorBoard event file (TFRecord framing: length, crc, payload, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, pos, out = event_file.read_bytes(), 0, {}
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 16 + length
+        for v in event.summary.value:
+            out[v.tag] = (event.step, v.simple_value)
+    return out
+
+
 def test_tensorboard_is_the_default_and_logging_tensorboard_false_turns_it_off(tmp_path):
     (tb,) = build_trackers(config(tmp_path), str(tmp_path / "run"), "r")
-    tb.log({"train/loss": 1.0}, 1)
+    tb.log({"train/loss": 1.0, "train/ndcg@1": 0.5}, 1)
     tb.close()
-    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    # '@' is not allowed in a TensorBoard tag: the same name as in MLflow
+    assert tensorboard_scalars(events) == {"train/loss": (1, 1.0), "train/ndcg_at_1": (1, 0.5)}
     assert build_trackers(config(tmp_path, "logging.tensorboard=false"), str(tmp_path / "x"), "r") == []
 
 
