@@ -17,6 +17,27 @@ import torch.distributed as dist
 MetricSums = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+#: DeepSpeed's CPU shared-memory all-reduce, used only by its inference all-reduce (``inference_all_reduce``),
+#: never by ZeRO-3 training.
+_SHM_INFERENCE_OP = "deepspeed_shm_comm"
+
+
+def init_process_group(use_gpu: bool) -> None:
+    """``deepspeed.init_distributed`` with NCCL on GPUs and gloo on CPUs.
+
+    On CPUs DeepSpeed would first JIT-compile its shared-memory op (a C++ build of about a minute on two
+    cores, once per installed DeepSpeed, under a file lock in ``~/.cache/torch_extensions``). Training never
+    calls it, and a process killed during that build (a worker stopped by a fault or a driver killed) leaves
+    the lock behind, so every later process on the machine waits on it forever. So it is marked unusable
+    here and not built.
+    """
+    import deepspeed
+
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__[_SHM_INFERENCE_OP] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

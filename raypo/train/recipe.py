@@ -55,7 +55,7 @@ from raypo.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from raypo.train.collectives import MetricSums
+from raypo.train.collectives import MetricSums, init_process_group
 from raypo.train.conditioning import (
     BatchConditioner,
     conditioning_of,
@@ -185,7 +185,6 @@ class ListwiseRecipe:
     @classmethod
     def setup(cls, loop_config: dict[str, Any]) -> ListwiseRecipe:
         """Inside a Ray Train worker: process group, engines, lambda schedule, data shards, resume."""
-        import deepspeed
         import ray.train
 
         from raypo.data.splits import EVAL_KEY, train_key
@@ -196,7 +195,7 @@ class ListwiseRecipe:
         device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
         if cfg.scaling.use_gpu:
             torch.cuda.set_device(device)
-        deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+        init_process_group(cfg.scaling.use_gpu)
         torch.manual_seed(cfg.train.seed)
 
         dims = list(loop_config.get("dimensions") or cfg.data.dimensions) or None

@@ -50,8 +50,9 @@ def _worker(rank: int, port: int, model_dir: str, result_path: str) -> None:
     from raypo.model.listwise import ListwiseLogProbModel, grouped_logprobs
     from raypo.model.loading import load_policy
     from raypo.model.response_chunks import listwise_backward
+    from raypo.train.collectives import init_process_group
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group(use_gpu=False)
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
           "zero_force_ds_cpu_optimizer": False,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}

@@ -24,8 +24,9 @@ def tokenized_rows(tiny_model_dir):
 @pytest.fixture(scope="session")
 def single_process_group():
     """torch.distributed with world size 1 (gloo), as DeepSpeed needs, in this process."""
-    import deepspeed
     import torch.distributed as dist
+
+    from raypo.train.collectives import init_process_group
 
     if not dist.is_initialized():
         with socket.socket() as s:
@@ -33,5 +34,5 @@ def single_process_group():
             port = s.getsockname()[1]
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_process_group(use_gpu=False)
     yield
