@@ -572,6 +572,7 @@ class ListwiseRecipe:
                                                      last=last)
                     window = {}
                     last_checkpoint = state.global_step if do_ckpt else last_checkpoint
+                _maybe_hold(state.global_step)
         finally:  # the readers' threads stop with the loop, also on an error
             steps.close()
             if reader is not None:
@@ -606,3 +607,14 @@ def _maybe_inject_failure(step: int, rank: int) -> None:
     with open(marker, "w") as f:
         f.write(f"killed rank {rank} after step {step}\n")
     os._exit(1)
+
+
+def _maybe_hold(step: int) -> None:
+    """Fault injection for the driver-restart test: ``RAYPO_HOLD_AFTER_STEP=k`` stops every rank after
+    step k's results (and checkpoint) were reported, until the process is killed, so that the test can stop
+    the driver once Ray Train has committed that checkpoint and before the run could end."""
+    at = os.environ.get("RAYPO_HOLD_AFTER_STEP")
+    if not at or step != int(at):
+        return
+    while True:
+        time.sleep(1.0)

@@ -22,14 +22,15 @@ pytestmark = pytest.mark.e2e
 STEER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "steer_quickstart.yaml"
 # The config's table schedule cut down to the one-hots and the inner points of one edge, helpfulness <->
 # conciseness (the two dimensions that disagree on every pair differing in detail or keyword): a third of
-# the shipped table's edges, learned in a third of its steps. Measured on EVAL_DATA at step 200: diagonal
-# 0.875 / 0.785 / 1.000 against at most 0.656 / 0.401 / 0.782; along the trained edge, towards
-# conciseness 0.121 -> 0.215 -> 0.211 -> 0.211 -> 0.785 and towards helpfulness 0.281 -> 0.816 -> 0.812 ->
-# 0.812 -> 0.875 (at step 100 every lambda still gave the same ranking; the full table, the shipped
-# config, needs about 600 steps for monotone fronts on all six directed edges: docs/steering.md).
+# the shipped table's edges, learned in two thirds of its steps. Measured on EVAL_DATA at step 400:
+# diagonal 0.910 / 0.947 / 1.000 against at most 0.615 / 0.449 / 0.676; along the trained edge, towards
+# conciseness 0.053 -> 0.372 -> 0.794 -> 0.874 -> 0.947 and towards helpfulness 0.125 -> 0.167 -> 0.247 ->
+# 0.632 -> 0.910. 200 steps are too few to be safe: on the training eval split the helpfulness diagonal
+# was not best until step 250 (docs/steering.md), and the same 200-step run that steered in one
+# environment did not in another.
 EDGE_TABLE = "[[1,0,0],[0,1,0],[0,0,1],[0.75,0.25,0],[0.5,0.5,0],[0.25,0.75,0]]"
 TRAINED_EDGE = ("helpfulness", "conciseness")
-STEPS = 200
+STEPS = 400
 
 EVAL_DATA = "synthetic://steer?num_prompts=48&seed=9"
 DIMENSIONS = STEER_DIMENSIONS

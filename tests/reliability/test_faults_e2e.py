@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,7 +88,13 @@ def test_driver_stopped_mid_run_resumes_from_s3(baseline, ray_cluster, s3, tiny_
     """`raypo train` with checkpoints on the loopback S3 endpoint, killed after its second checkpoint, then
     run again with the same command: it continues from that checkpoint and ends where the baseline does.
     Both drivers attach to the session's running cluster (a driver restarted on a long-lived cluster); the
-    killed driver's job, its Train controller and workers, is torn down by the cluster."""
+    killed driver's job, its Train controller and workers, is torn down by the cluster.
+
+    The first run's workers hold after step 2 (RAYPO_HOLD_AFTER_STEP) and the driver is killed once Ray
+    Train has listed that checkpoint in its snapshot: a checkpoint's files on S3 come before the controller
+    commits it, and a driver killed in between leaves nothing to resume from."""
+    from raypo.train.checkpoint_integrity import listed_checkpoints, read_snapshot
+
     _, weights = baseline
     address = ray_cluster.get_runtime_context().gcs_address
     storage = f"s3://{s3.bucket}/driver_restart"
@@ -99,19 +106,22 @@ def test_driver_stopped_mid_run_resumes_from_s3(baseline, ray_cluster, s3, tiny_
     cmd = [sys.executable, "-m", "raypo.cli", "train", str(cfg_path), *overrides, f"ray.address={address}"]
     env = {**os.environ, "RAY_ADDRESS": address}  # where Ray's State API (Train's cleaner) looks
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**env, "RAYPO_HOLD_AFTER_STEP": "2"})
+    fs = s3.s3fs()
+    run_dir = f"{s3.bucket}/driver_restart/restart"
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
-            keys = _s3_keys(s3, "driver_restart/restart")
-            if any("step_00000002/raypo_state.json" in k for k in keys):
+            fs.invalidate_cache()
+            if "step_00000002" in listed_checkpoints(read_snapshot(run_dir, fs)):
                 break
             if proc.poll() is not None:
                 log_text = (tmp_path / "first.log").read_text()
                 pytest.fail(f"the first run ended before it could be stopped:\n{log_text[-3000:]}")
             time.sleep(0.5)
         else:
-            pytest.fail("no checkpoint appeared on S3 within 10 minutes")
+            pytest.fail("Ray Train did not commit the step-2 checkpoint within 10 minutes")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -120,13 +130,13 @@ def test_driver_stopped_mid_run_resumes_from_s3(baseline, ray_cluster, s3, tiny_
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming from" in second.stdout + second.stderr
+    assert re.search(r"resuming from \S+/step_00000002 at step 2 ", second.stdout + second.stderr), \
+        second.stdout[-3000:]
     assert max_abs_diff(exported_weights(str(tmp_path / "export")), weights) < TOLERANCE
     # one row per step after the restart: locally, and in the copy kept beside the checkpoints on S3
     from raypo.train.trainer import local_run_directory
 
     assert history_steps(local_run_directory(load_config(None, overrides))) == list(range(1, STEPS + 1))
-    fs = s3.s3fs()
     fs.invalidate_cache()  # the listings cached while waiting for the checkpoint predate the copy
     remote = fs.cat_file(f"{s3.bucket}/driver_restart/restart/metrics.jsonl").decode().splitlines()
     assert [int(json.loads(line)["step"]) for line in remote] == list(range(1, STEPS + 1))
