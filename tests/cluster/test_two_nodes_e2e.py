@@ -7,18 +7,21 @@ reference cache, the checkpoints and the export. ``scaling.placement_strategy=ST
 two workers on different nodes, and the nodes refuse (and log) any access to the driver's directories
 (``node_site/sitecustomize.py``).
 
-One two-node run serves both scenarios (each costs minutes here). It kills ``node2``'s whole process group
-after a checkpoint; with ``checkpoint.max_failures=1`` Ray Train restarts the worker group, which cannot be
-placed (STRICT_SPREAD needs two nodes) until the test starts a replacement node; the run resumes from the
-checkpoint on S3. Scenario 1 checks what the run left on S3 and where its workers ran; scenario 2 that it
-recovered and ended with the weights of the same run uninterrupted -- trained once on the test session's
-single-node cluster from the same S3 inputs (two workers of one node: the same arithmetic as two workers of
-two nodes), to float32 rounding.
+One two-node run serves both scenarios (each costs minutes here). Its workers hold after step 2
+(``RAYPO_HOLD_AFTER_STEP``), and the test kills ``node2``'s whole process group once Ray Train's controller
+has committed that checkpoint (listed it in its snapshot on S3: the files come first, and a node lost in
+between leaves the restarted group nothing to resume from). With ``checkpoint.max_failures=1`` Ray Train
+restarts the worker group, which cannot be placed (STRICT_SPREAD needs two nodes) until the test starts a
+replacement node; the run resumes from the step-2 checkpoint on S3. Scenario 1 checks what the run left on S3
+and where its workers ran; scenario 2 that it recovered and ended with the weights of the same run
+uninterrupted -- trained once on the test session's single-node cluster from the same S3 inputs (two workers
+of one node: the same arithmetic as two workers of two nodes), to float32 rounding.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import time
@@ -108,7 +111,7 @@ def node_lost(two_nodes, driver_dirs, s3_inputs, s3, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "node_lost.log"
     # Ray Train's wait for a worker group's resources (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by
     # default) shortened, to show what happens when it runs out before a node comes back
-    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(START_TIMEOUT_S)}
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(START_TIMEOUT_S), "RAYPO_HOLD_AFTER_STEP": "2"}
     started = time.monotonic()
     proc = start_training(two_nodes, driver_dirs, run_overrides(s3_inputs, name)
                           + ["checkpoint.max_failures=1"], log, env=env)
@@ -186,7 +189,7 @@ def test_two_workers_on_two_nodes_train_checkpoint_and_export_through_s3(node_lo
 def test_node_lost_after_a_checkpoint_resumes_on_a_new_node_to_the_same_weights(node_lost, uninterrupted,
                                                                                 two_nodes):
     text, _, replacement, weights, _ = node_lost
-    assert "raypo: resuming from" in text, text[-4000:]
+    assert re.search(r"raypo: resuming from \S+/step_00000002 at step 2 ", text), text[-4000:]
     assert max_abs_diff(weights, uninterrupted) < TOLERANCE
     # the restarted worker group used the replacement node
     workers = two_nodes.actors("RayTrainWorker")
@@ -195,17 +198,20 @@ def test_node_lost_after_a_checkpoint_resumes_on_a_new_node_to_the_same_weights(
 
 
 def wait_for_checkpoint(s3, run_prefix: str, step: int, proc, log: Path, timeout: float = 240) -> None:
-    """Until checkpoint ``step`` is complete on S3 (rank 0's state file is written after the shards)."""
+    """Until Ray Train's controller has committed checkpoint ``step``: listed it in the snapshot it keeps
+    on S3, which comes after the checkpoint's files and is what a restarted worker group resumes from."""
+    from raypo.train.checkpoint_integrity import listed_checkpoints, read_snapshot
+
     fs = s3.s3fs()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         fs.invalidate_cache()
-        if fs.exists(f"{run_prefix}/step_{step:08d}/raypo_state.json"):
+        if f"step_{step:08d}" in listed_checkpoints(read_snapshot(run_prefix, fs)):
             return
         if proc.poll() is not None:
             pytest.fail(f"the run ended before checkpoint {step}:\n{log.read_text()[-5000:]}")
         time.sleep(0.2)
-    pytest.fail(f"no checkpoint {step} on S3 within {timeout}s:\n{log.read_text()[-5000:]}")
+    pytest.fail(f"checkpoint {step} not committed within {timeout}s:\n{log.read_text()[-5000:]}")
 
 
 def wait_for_log(log: Path, text: str, proc, count: int = 1, timeout: float = 240) -> None:
