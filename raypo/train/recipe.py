@@ -597,13 +597,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def _maybe_inject_failure(step: int, rank: int) -> None:
     """Fault injection for resilience tests: ``RAYPO_FAIL_AT_STEP=k`` kills the rank
-    ``RAYPO_FAIL_RANK`` (default 1) right after step k, once (``RAYPO_FAIL_MARKER`` records that it did)."""
+    ``RAYPO_FAIL_RANK`` (default 1) right after step k, once (``RAYPO_FAIL_MARKER`` records that it did).
+    ``RAYPO_FAIL_DELAY_S`` waits that long first, so that Ray Train's controller, which collects reports
+    every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), has committed step k-1's checkpoint by then."""
     at = os.environ.get("RAYPO_FAIL_AT_STEP")
     marker = os.environ.get("RAYPO_FAIL_MARKER")
     if not at or not marker or step != int(at) or rank != int(os.environ.get("RAYPO_FAIL_RANK", "1")):
         return
     if os.path.exists(marker):
         return
+    time.sleep(float(os.environ.get("RAYPO_FAIL_DELAY_S", "0")))
     with open(marker, "w") as f:
         f.write(f"killed rank {rank} after step {step}\n")
     os._exit(1)

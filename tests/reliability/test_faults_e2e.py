@@ -66,15 +66,24 @@ def history_steps(run_dir) -> list[int]:
 def test_worker_killed_mid_run_resumes_to_the_same_weights(baseline, tiny_model_dir, tmp_path, monkeypatch):
     """Rank 1 killed right after step 4, before that step's checkpoint: the run resumes from step 3, one
     micro-batch into epoch 2, and must continue with the data and the lambda draws where they stopped; the
-    history's row of step 4 written before the kill is superseded and must not stay beside the new one."""
+    history's row of step 4 written before the kill is superseded and must not stay beside the new one.
+    Rank 1 waits 6 s before it dies (RAYPO_FAIL_DELAY_S), three of Ray Train's 2 s report rounds, so that
+    step 3's checkpoint is committed: killed at once, the run could resume from an earlier step or from
+    nothing and still end with the same weights, which would not test the resume mid-epoch."""
     _, weights = baseline
     marker = tmp_path / "killed"
     monkeypatch.setenv("RAYPO_FAIL_AT_STEP", "4")
     monkeypatch.setenv("RAYPO_FAIL_MARKER", str(marker))
+    monkeypatch.setenv("RAYPO_FAIL_DELAY_S", "6")
     cfg = load_config(None, base_overrides(tiny_model_dir, str(tmp_path), "worker_kill")
                       + ["checkpoint.max_failures=1"])
     result = run_training(cfg)
     assert marker.read_text().startswith("killed rank 1 after step 4")
+    # resumed from step 3: its checkpoint was written before the kill and not again after it
+    killed_at = marker.stat().st_mtime_ns
+    manifests = {step: Path(result.run_dir, f"step_{step:08d}", "raypo_manifest_r0.json").stat().st_mtime_ns
+                 for step in (3, 4)}
+    assert manifests[3] < killed_at < manifests[4], (manifests, killed_at)
     assert result.metrics["step"] == STEPS
     assert max_abs_diff(exported_weights(result.export_dir), weights) < TOLERANCE
     assert history_steps(result.run_dir) == list(range(1, STEPS + 1))  # one row per step
