@@ -613,9 +613,10 @@ def _maybe_inject_failure(step: int, rank: int) -> None:
 
 
 def _maybe_hold(step: int) -> None:
-    """Fault injection for the driver-restart test: ``RAYPO_HOLD_AFTER_STEP=k`` stops every rank after
-    step k's results (and checkpoint) were reported, until the process is killed, so that the test can stop
-    the driver once Ray Train has committed that checkpoint and before the run could end."""
+    """Fault injection for the driver-restart and node-loss tests: ``RAYPO_HOLD_AFTER_STEP=k`` stops every
+    rank after step k's results (and checkpoint) were reported, until the process is killed, so that the test
+    can stop the driver (or a node) once Ray Train has committed that checkpoint and before the run could
+    end."""
     at = os.environ.get("RAYPO_HOLD_AFTER_STEP")
     if not at or step != int(at):
         return

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import LocalCluster, stop_driver
 
-from raypo.testing import exported_weights, max_abs_diff, short_run_overrides
+from raypo.testing import exported_weights, max_abs_diff, short_run_overrides, wait_for_committed_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -116,7 +116,7 @@ def node_lost(two_nodes, driver_dirs, s3_inputs, s3, tmp_path_factory):
     proc = start_training(two_nodes, driver_dirs, run_overrides(s3_inputs, name)
                           + ["checkpoint.max_failures=1"], log, env=env)
     try:
-        wait_for_checkpoint(s3, run_prefix, step=2, proc=proc, log=log)
+        wait_for_committed_checkpoint(s3.s3fs(), run_prefix, step=2, proc=proc, log=log, timeout=240)
         two_nodes.kill_node("node2")  # the machine is gone: raylet, workers, object store
         killed_at = time.monotonic()
         fs = s3.s3fs()
@@ -195,23 +195,6 @@ def test_node_lost_after_a_checkpoint_resumes_on_a_new_node_to_the_same_weights(
     workers = two_nodes.actors("RayTrainWorker")
     assert replacement in {w["node_id"] for w in workers}, workers
     assert_no_driver_paths(two_nodes)
-
-
-def wait_for_checkpoint(s3, run_prefix: str, step: int, proc, log: Path, timeout: float = 240) -> None:
-    """Until Ray Train's controller has committed checkpoint ``step``: listed it in the snapshot it keeps
-    on S3, which comes after the checkpoint's files and is what a restarted worker group resumes from."""
-    from raypo.train.checkpoint_integrity import listed_checkpoints, read_snapshot
-
-    fs = s3.s3fs()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fs.invalidate_cache()
-        if f"step_{step:08d}" in listed_checkpoints(read_snapshot(run_prefix, fs)):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before checkpoint {step}:\n{log.read_text()[-5000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"checkpoint {step} not committed within {timeout}s:\n{log.read_text()[-5000:]}")
 
 
 def wait_for_log(log: Path, text: str, proc, count: int = 1, timeout: float = 240) -> None:

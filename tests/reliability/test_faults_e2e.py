@@ -15,14 +15,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from raypo.config import load_config
-from raypo.testing import exported_weights, max_abs_diff
+from raypo.testing import exported_weights, max_abs_diff, wait_for_committed_checkpoint
 from raypo.testing import short_run_overrides as _short_run_overrides
 from raypo.train.trainer import run_training
 
@@ -102,8 +101,6 @@ def test_driver_stopped_mid_run_resumes_from_s3(baseline, ray_cluster, s3, tiny_
     The first run's workers hold after step 2 (RAYPO_HOLD_AFTER_STEP) and the driver is killed once Ray
     Train has listed that checkpoint in its snapshot: a checkpoint's files on S3 come before the controller
     commits it, and a driver killed in between leaves nothing to resume from."""
-    from raypo.train.checkpoint_integrity import listed_checkpoints, read_snapshot
-
     _, weights = baseline
     address = ray_cluster.get_runtime_context().gcs_address
     storage = f"s3://{s3.bucket}/driver_restart"
@@ -118,19 +115,9 @@ def test_driver_stopped_mid_run_resumes_from_s3(baseline, ray_cluster, s3, tiny_
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**env, "RAYPO_HOLD_AFTER_STEP": "2"})
     fs = s3.s3fs()
-    run_dir = f"{s3.bucket}/driver_restart/restart"
-    deadline = time.time() + 600
     try:
-        while time.time() < deadline:
-            fs.invalidate_cache()
-            if "step_00000002" in listed_checkpoints(read_snapshot(run_dir, fs)):
-                break
-            if proc.poll() is not None:
-                log_text = (tmp_path / "first.log").read_text()
-                pytest.fail(f"the first run ended before it could be stopped:\n{log_text[-3000:]}")
-            time.sleep(0.5)
-        else:
-            pytest.fail("Ray Train did not commit the step-2 checkpoint within 10 minutes")
+        wait_for_committed_checkpoint(fs, f"{s3.bucket}/driver_restart/restart", step=2, proc=proc,
+                                      log=tmp_path / "first.log", timeout=600)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
