@@ -105,28 +105,3 @@ def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     """The largest absolute difference between two state dicts with the same keys."""
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def wait_for_committed_checkpoint(fs: Any, run_dir: str, step: int, proc: Any, log: Any,
-                                  timeout: float) -> None:
-    """Wait until Ray Train's controller has committed checkpoint ``step`` of the run at ``run_dir`` on
-    ``fs``, i.e. listed it in ``checkpoint_manager_snapshot.json``. That happens after the checkpoint's
-    files are written, and it is what a restarted run resumes from, so a fault test kills only after it
-    (docs/training.md, RAYPO_HOLD_AFTER_STEP). Raises AssertionError with the end of the run's ``log`` (a
-    path) if ``proc`` ends first or ``timeout`` seconds pass."""
-    import time
-    from pathlib import Path
-
-    from raypo.train.checkpoint_integrity import listed_checkpoints, read_snapshot
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fs.invalidate_cache()
-        if f"step_{step:08d}" in listed_checkpoints(read_snapshot(run_dir, fs)):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before checkpoint {step} was committed:\n"
-                                 f"{Path(log).read_text()[-5000:]}")
-        time.sleep(0.5)
-    raise AssertionError(f"checkpoint {step} not committed within {timeout}s:\n"
-                         f"{Path(log).read_text()[-5000:]}")

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import pytest
 from cluster_helpers import LocalCluster, stop_driver
+from fault_helpers import wait_for_committed_checkpoint
 
-from raypo.testing import exported_weights, max_abs_diff, short_run_overrides, wait_for_committed_checkpoint
+from raypo.testing import exported_weights, max_abs_diff, short_run_overrides
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.timeout(1800)]
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fault_helpers import wait_for_committed_checkpoint
 
 from raypo.config import load_config
-from raypo.testing import exported_weights, max_abs_diff, wait_for_committed_checkpoint
+from raypo.testing import exported_weights, max_abs_diff
 from raypo.testing import short_run_overrides as _short_run_overrides
 from raypo.train.trainer import run_training
 
